@@ -1,0 +1,61 @@
+"""Next-token choice per sequence, each with its own parameters and random stream.
+
+Each sequence owns a torch.Generator seeded from its request, so the same seed
+gives the same tokens whether it runs alone or batched with others.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from accordion.sampling_params import SamplingParams
+
+
+def new_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def apply_penalties(logits: torch.Tensor, history: list[int], p: SamplingParams) -> torch.Tensor:
+    """llama.cpp-style repeat / presence / frequency penalties over recent tokens."""
+    recent = history if p.repeat_last_n == -1 else history[-p.repeat_last_n :]
+    if not recent or p.repeat_last_n == 0:
+        return logits
+    ids, counts = torch.tensor(recent).unique(return_counts=True)
+    picked = logits[ids]
+    if p.repeat_penalty != 1.0:
+        picked = torch.where(picked > 0, picked / p.repeat_penalty, picked * p.repeat_penalty)
+    picked = picked - p.presence_penalty - p.frequency_penalty * counts.to(picked.dtype)
+    logits = logits.clone()
+    logits[ids] = picked
+    return logits
+
+
+def sample_one(
+    logits: torch.Tensor, p: SamplingParams, history: list[int], gen: torch.Generator
+) -> int:
+    """logits [vocab] float32 -> token id."""
+    if p.penalized:
+        logits = apply_penalties(logits, history, p)
+    if p.greedy:
+        return int(logits.argmax())
+    logits = logits / p.temperature
+    if 0 < p.top_k < logits.numel():
+        top = torch.topk(logits, p.top_k)
+        values, ids = top.values, top.indices
+    else:
+        values, ids = torch.sort(logits, descending=True)
+    probs = torch.softmax(values, dim=-1)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if p.top_p < 1.0:
+        # keep the smallest prefix whose mass reaches top_p (always the first token)
+        keep &= (probs.cumsum(-1) - probs) < p.top_p
+    if p.min_p > 0.0:
+        keep &= probs >= p.min_p * probs[0]
+    probs = torch.where(keep, probs, torch.zeros_like(probs))
+    choice = torch.multinomial(probs, 1, generator=gen)
+    return int(ids[choice])

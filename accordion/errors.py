@@ -1,0 +1,25 @@
+"""Exceptions a caller can catch by type; each message names the problem."""
+
+
+class AccordionError(Exception):
+    """Base class of every error accordion raises on purpose."""
+
+
+class ModelNotFoundError(AccordionError):
+    """A model name is neither bundled, created, nor a path to a file."""
+
+
+class InvalidModelFileError(AccordionError):
+    """A file is not a readable GGUF model (wrong magic, truncated, corrupt)."""
+
+
+class UnsupportedModelError(AccordionError):
+    """A valid GGUF whose architecture, tensor type or tokenizer we cannot run."""
+
+
+class InvalidRequestError(AccordionError, ValueError):
+    """A request the caller can fix: malformed messages, bad parameters."""
+
+
+class TemplateError(AccordionError):
+    """A model's chat template failed to compile or render, or rejected the conversation."""

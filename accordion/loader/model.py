@@ -1,0 +1,42 @@
+"""Everything needed to run a model, loaded from one GGUF file."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from accordion.loader.bundled import resolve_model_path
+from accordion.loader.chat_template import ChatTemplate
+from accordion.loader.gguf_file import GGUFFile, open_gguf
+from accordion.loader.tokenizer import Tokenizer
+from accordion.models.build import build_decoder
+from accordion.models.config import ModelConfig, config_from_gguf
+from accordion.models.decoder import Decoder
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    gguf: GGUFFile
+    config: ModelConfig
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    decoder: Decoder
+    weights: str
+    load_seconds: float
+
+
+def load_model(name: str, weights: str = "auto") -> LoadedModel:
+    """Resolve a model name or path and load it; errors name the problem (AccordionError)."""
+    start = time.perf_counter()
+    path = resolve_model_path(name)
+    gf = open_gguf(path)
+    config = config_from_gguf(gf)  # architecture check before the slow parts
+    tokenizer = Tokenizer.from_gguf(gf)
+    template = ChatTemplate.from_gguf(gf, tokenizer.bos_token, tokenizer.eos_token)
+    decoder = build_decoder(gf, config, weights)
+    return LoadedModel(
+        name, path, gf, config, tokenizer, template, decoder, weights, time.perf_counter() - start
+    )

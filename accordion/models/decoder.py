@@ -1,0 +1,142 @@
+"""One decoder-only transformer for every supported architecture.
+
+llama/mistral, qwen2, qwen3 and gemma3 differ only in switches held by
+ModelConfig (biases, q/k norms, sandwich norms, sliding windows, embedding
+scale, activation), so they share this code; the forward reads top to bottom.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from accordion.models.attention import AttentionBatch, attend, write_kv
+from accordion.models.config import ModelConfig
+from accordion.models.layers import ACTIVATIONS, Rope, apply_rope
+from accordion.models.linear import Linear
+
+
+class PagedKV(Protocol):
+    """What the model needs from the KV cache: per-layer storage and its layer group."""
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def group_of(self, i: int) -> int: ...
+
+
+@dataclass
+class ForwardBatch:
+    tokens: torch.Tensor  # long [T]
+    positions: torch.Tensor  # long [T]
+    attn: list[AttentionBatch]  # one per layer group
+    sample_rows: torch.Tensor  # long [n]: rows of the batch whose next-token logits we need
+
+
+@dataclass
+class BlockWeights:
+    attn_norm: torch.Tensor
+    qkv: Linear
+    o: Linear
+    ffn_norm: torch.Tensor
+    gate_up: Linear
+    down: Linear
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None
+    post_ffn_norm: torch.Tensor | None = None
+
+
+class Block(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, w: BlockWeights, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.cfg, self.index, self.w, self.dtype = cfg, index, w, dtype
+        self.window = cfg.sliding_window if cfg.window_layers[index] else 0
+        self.act = ACTIVATIONS[cfg.activation]
+        self.q_size = cfg.n_heads * cfg.head_dim
+        self.kv_size = cfg.n_kv_heads * cfg.head_dim
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, weight.shape, weight, self.cfg.norm_eps)
+
+    def norm_in(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Norm of the float32 residual stream, cast to the matmul dtype."""
+        return F.rms_norm(x, weight.shape, weight, self.cfg.norm_eps).to(self.dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv: tuple[torch.Tensor, torch.Tensor],
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        cfg, w, t = self.cfg, self.w, x.shape[0]
+        qkv = w.qkv(self.norm_in(x, w.attn_norm)).float()
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, cfg.n_heads, cfg.head_dim)
+        k = k.reshape(t, cfg.n_kv_heads, cfg.head_dim)
+        v = v.reshape(t, cfg.n_kv_heads, cfg.head_dim)
+        if w.q_norm is not None and w.k_norm is not None:
+            q, k = self.norm(q, w.q_norm), self.norm(k, w.k_norm)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        write_kv(kv[0], kv[1], k, v, batch.slots)
+        o = attend(q.to(kv[0].dtype), kv[0], kv[1], batch, cfg.attn_scale, self.window)
+        o = w.o(o.reshape(t, self.q_size).to(self.dtype)).float()
+        if w.post_attn_norm is not None:
+            o = self.norm(o, w.post_attn_norm)
+        x = x + o
+        gate, up = w.gate_up(self.norm_in(x, w.ffn_norm)).float().chunk(2, dim=-1)
+        o = w.down((self.act(gate) * up).to(self.dtype)).float()
+        if w.post_ffn_norm is not None:
+            o = self.norm(o, w.post_ffn_norm)
+        return x + o
+
+
+class Decoder(torch.nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        embed: torch.Tensor,
+        blocks: list[BlockWeights],
+        out_norm: torch.Tensor,
+        lm_head: Linear,
+        ropes: dict[float, Rope],
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.dtype = cfg, dtype
+        self.embed = embed  # [vocab, hidden] in the activation dtype
+        self.blocks = torch.nn.ModuleList(Block(cfg, i, w, dtype) for i, w in enumerate(blocks))
+        self.out_norm, self.lm_head, self.ropes = out_norm, lm_head, ropes
+        self.embed_scale = torch.tensor(cfg.embed_scale, dtype=dtype).float()
+
+    def rope_base(self, index: int) -> float:
+        local = self.cfg.window_layers[index]
+        return self.cfg.rope_base_local if local else self.cfg.rope_base
+
+    def hidden_states(self, batch: ForwardBatch, kv: PagedKV) -> torch.Tensor:
+        """Final-normed hidden states [T, hidden] of every token of the batch."""
+        x = self.embed[batch.tokens].float()  # the residual stream stays float32
+        if self.cfg.embed_scale != 1.0:
+            x = x * self.embed_scale
+        tables = {base: rope.tables(batch.positions) for base, rope in self.ropes.items()}
+        for i, block in enumerate(self.blocks):
+            group = kv.group_of(i)
+            x = block(x, tables[self.rope_base(i)], kv.layer(i), batch.attn[group])
+        return F.rms_norm(x, self.out_norm.shape, self.out_norm, self.cfg.norm_eps).to(self.dtype)
+
+    def forward(self, batch: ForwardBatch, kv: PagedKV) -> torch.Tensor:
+        """Next-token logits (float32) for batch.sample_rows."""
+        h = self.hidden_states(batch, kv)
+        return self.lm_head(h[batch.sample_rows]).float()
+
+    def nbytes(self) -> int:
+        linears = [self.lm_head] + [
+            lin for b in self.blocks for lin in (b.w.qkv, b.w.o, b.w.gate_up, b.w.down)
+        ]
+        total = sum(lin.nbytes() for lin in linears)
+        if self.lm_head.dense is None or self.embed.data_ptr() != self.lm_head.dense.data_ptr():
+            total += self.embed.numel() * self.embed.element_size()
+        return total

@@ -1,0 +1,53 @@
+"""Small building blocks shared by the decoder: RoPE and activations."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class Rope:
+    """Rotary embeddings in the rotate-half (NeoX) layout, tables grown on demand."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        base: float,
+        dtype: torch.dtype,
+        freq_factors: torch.Tensor | None = None,
+        position_scale: float = 1.0,
+    ) -> None:
+        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        if freq_factors is not None:  # llama 3.1-style long-context scaling, per frequency
+            inv = inv / freq_factors.to(torch.float64)
+        self.inv_freq = inv * position_scale
+        self.dtype = dtype
+        self.cos = torch.empty(0, head_dim, dtype=dtype)
+        self.sin = torch.empty(0, head_dim, dtype=dtype)
+
+    def _grow(self, n: int) -> None:
+        size = max(n, 2 * self.cos.shape[0], 256)
+        angles = torch.outer(torch.arange(size, dtype=torch.float64), self.inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        self.cos = angles.cos().to(self.dtype)
+        self.sin = angles.sin().to(self.dtype)
+
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin as [T, 1, head_dim] for the given positions."""
+        top = int(positions.max()) + 1 if positions.numel() else 0
+        if top > self.cos.shape[0]:
+            self._grow(top)
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim] rotated by position."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": gelu_tanh}
