@@ -80,9 +80,7 @@ class LLM:
         return self.generate_ids([self.encode_chat(c) for c in conversations], params)  # type: ignore[arg-type]
 
     # -- streaming ------------------------------------------------------------
-    def stream(
-        self, prompt: str | Messages, params: SamplingParams | None = None
-    ) -> Iterator[str]:
+    def stream(self, prompt: str | Messages, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text pieces as they are generated (a string prompt or chat messages)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self.encode_chat(prompt)
         seq = self.engine.add(ids, params or SamplingParams())

@@ -47,7 +47,9 @@ class Engine:
         self._stops: dict[int, StopStrings] = {}
 
     # -- requests -------------------------------------------------------------
-    def add(self, prompt_ids: list[int], params: SamplingParams, num_ctx: int | None = None) -> Sequence:
+    def add(
+        self, prompt_ids: list[int], params: SamplingParams, num_ctx: int | None = None
+    ) -> Sequence:
         limit = min(num_ctx or self.model.config.context_length, self.model.config.context_length)
         if not prompt_ids:
             raise ValueError("prompt is empty")

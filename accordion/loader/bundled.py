@@ -89,7 +89,7 @@ def bundled_path(name: str) -> Path | None:
     model = BUNDLED.get(base)
     if model is None or tag != "latest":
         return None
-    parts = [_package_file(p, r, base) for p, r in zip(model.packages, model.relpaths)]
+    parts = [_package_file(p, r, base) for p, r in zip(model.packages, model.relpaths, strict=True)]
     if len(parts) == 1 and model.sha256 is None:
         return parts[0]
     return _assemble(model, parts)

@@ -145,7 +145,7 @@ def _scan(path: Path, cache_dir: Path) -> tuple[dict[str, Any], dict[str, Tensor
 
 
 def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
-    """Open (and on first sight, index) a GGUF file; raise InvalidModelFileError if it is not one."""
+    """Open (and on first sight, index) a GGUF file; InvalidModelFileError if it is none."""
     path = Path(path).resolve()
     if not path.is_file():
         raise InvalidModelFileError(f"{path}: no such file")

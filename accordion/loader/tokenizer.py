@@ -9,10 +9,8 @@ Two vocabulary kinds are supported, named by `tokenizer.ggml.model`:
   characters outside the vocabulary fall back to `<0xNN>` byte tokens.
 
 Building means reading the big vocabulary arrays (seconds on a 262k vocabulary), so the
-result goes to `gf.cache_dir` as `tokenizer.json` plus a small JSON of the ids we need
-without the tokenizer. A cached open reads only that small JSON and parses
-`tokenizer.json` in a background thread (the parse releases the GIL), so it overlaps with
-whatever the caller does next, e.g. loading the weights.
+result goes to `gf.cache_dir` as `tokenizer.json` plus a small JSON of the ids and flags
+we keep beside it. A cached open only parses those two files.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,30 +62,20 @@ _TEKKEN = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
     r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_LLAMA3_NAMES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0")
+_SMOLLM_NAMES = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")
 PRE_SPLITS: dict[str, tuple[str, ...]] = {
     "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
     "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"),
     "tekken": (_TEKKEN,),
     **dict.fromkeys(("gpt2", "gpt-2", "mpt", "olmo", "jais", "trillion", "exaone4"), (_GPT2,)),
-    **dict.fromkeys(
-        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
-         "lfm2", "dbrx", "smaug-bpe"),
-        (_LLAMA3,),
-    ),  # fmt: skip
+    **dict.fromkeys((*_LLAMA3_NAMES, "lfm2", "dbrx", "smaug-bpe"), (_LLAMA3,)),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "hunyuan"), (_QWEN2,)),
-    **dict.fromkeys(
-        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
-        (r"\p{N}", _GPT2),
-    ),
+    **dict.fromkeys(_SMOLLM_NAMES, (r"\p{N}", _GPT2)),
     **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), (_GPT4O,)),
 }
 # llama.cpp takes a whole pre-token that is itself in the vocabulary without merging.
-IGNORE_MERGES = frozenset(
-    {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-     "tekken"}
-)  # fmt: skip
-
-_loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenizer-load")
+IGNORE_MERGES = frozenset((*_LLAMA3_NAMES, "lfm2", "tekken"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +106,8 @@ class TokenizerInfo:
             return None
         if doc.pop("tokenizers", None) != tokenizers.__version__:
             return None  # a newer library may read or write tokenizer.json differently
-        doc["eog_ids"], doc["special_ids"] = frozenset(doc["eog_ids"]), frozenset(doc["special_ids"])
+        doc["eog_ids"] = frozenset(doc["eog_ids"])
+        doc["special_ids"] = frozenset(doc["special_ids"])
         doc["respelled"] = {int(k): v for k, v in doc["respelled"].items()}
         return cls(**doc)
 
@@ -127,12 +115,8 @@ class TokenizerInfo:
 class Tokenizer:
     """Text <-> token ids for one GGUF model."""
 
-    def __init__(self, backend: Backend | Future[Backend], info: TokenizerInfo) -> None:
-        if isinstance(backend, Backend):
-            done: Future[Backend] = Future()
-            done.set_result(backend)
-            backend = done
-        self._backend = backend
+    def __init__(self, backend: Backend, info: TokenizerInfo) -> None:
+        self.backend = backend  # the `tokenizers.Tokenizer`
         self.info = info
         self.vocab_size = info.vocab_size
         self.bos_id, self.eos_id, self.pad_id = info.bos_id, info.eos_id, info.pad_id
@@ -143,16 +127,12 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, gf: GGUFFile) -> Tokenizer:
         info = _read_info(gf.cache_dir)
-        if info is not None and (gf.cache_dir / TOKENIZER_FILE).is_file():
-            return cls(_loader.submit(_load_backend, gf), info)
+        backend = _read_backend(gf) if info is not None else None
+        if backend is not None and info is not None:
+            return cls(backend, info)
         backend, info = build(gf)
         _save(gf.cache_dir, backend, info)
         return cls(backend, info)
-
-    @property
-    def backend(self) -> Backend:
-        """The `tokenizers.Tokenizer`; waits for a background load to finish."""
-        return self._backend.result()
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; special tokens written in the text are recognised whole."""
@@ -186,14 +166,14 @@ def _read_info(cache_dir: Path) -> TokenizerInfo | None:
         return None
 
 
-def _load_backend(gf: GGUFFile) -> Backend:
+def _read_backend(gf: GGUFFile) -> Backend | None:
+    path = gf.cache_dir / TOKENIZER_FILE
     try:
-        return Backend.from_file(str(gf.cache_dir / TOKENIZER_FILE))
-    except Exception as e:  # the cache is ours to replace; the file is still there
-        log.warning("%s: rebuilding the cached tokenizer (%s)", gf.path.name, e)
-        backend, info = build(gf)
-        _save(gf.cache_dir, backend, info)
-        return backend
+        return Backend.from_file(str(path))
+    except Exception as e:  # missing or unreadable: ours to rebuild
+        if path.exists():
+            log.warning("%s: rebuilding the cached tokenizer (%s)", gf.path.name, e)
+        return None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -208,10 +188,13 @@ def _save(cache_dir: Path, backend: Backend, info: TokenizerInfo) -> None:
     # "a b" strings parse in half the time of ["a", "b"] pairs; only possible without spaces.
     if all(" " not in a and " " not in b for a, b in merges):
         doc["model"]["merges"] = [f"{a} {b}" for a, b in merges]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(cache_dir / TOKENIZER_FILE, json.dumps(doc, ensure_ascii=False))
-    # Written last: its presence says tokenizer.json is complete.
-    _write_atomic(cache_dir / INFO_FILE, json.dumps(info.to_json()))
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(cache_dir / TOKENIZER_FILE, json.dumps(doc, ensure_ascii=False))
+        # Written last: its presence says tokenizer.json is complete.
+        _write_atomic(cache_dir / INFO_FILE, json.dumps(info.to_json()))
+    except OSError as e:  # the tokenizer works without its cache, only slower to open
+        log.warning("%s: cannot cache the tokenizer (%s)", cache_dir, e)
 
 
 def build(gf: GGUFFile) -> tuple[Backend, TokenizerInfo]:
@@ -240,7 +223,7 @@ def build(gf: GGUFFile) -> tuple[Backend, TokenizerInfo]:
     if kind == "gpt2":
         backend, vocab = _byte_level(gf, tokens, types)
     else:
-        backend, vocab = _sentencepiece(gf, tokens, types, unk=token_id("unknown"))
+        backend, vocab = _sentencepiece(gf, tokens, unk=token_id("unknown"))
     respelled = {i: t for i, t in enumerate(tokens) if vocab[i] != t}
     # A respelled token's file spelling is not in the backend's vocabulary: adding it would
     # make a new id. Gemma's space runs are such; the `▁` merges build them instead.
@@ -287,7 +270,7 @@ def _byte_level(gf: GGUFFile, tokens: list[str], types: list[int]) -> tuple[Back
     # A normal token written in plain UTF-8 would never match the byte-level pieces.
     vocab = [
         t if ty != 1 or set(t) <= alphabet else "".join(spelling[b] for b in t.encode())
-        for t, ty in zip(tokens, types)
+        for t, ty in zip(tokens, types, strict=True)
     ]
     merges = [tuple(m.split(" ", 1)) for m in gf.array("tokenizer.ggml.merges") or []]
     pre = str(gf.get("tokenizer.ggml.pre", "default"))
@@ -307,17 +290,14 @@ def _byte_level(gf: GGUFFile, tokens: list[str], types: list[int]) -> tuple[Back
     return backend, vocab
 
 
-def _sentencepiece(
-    gf: GGUFFile, tokens: list[str], types: list[int], unk: int | None
-) -> tuple[Backend, list[str]]:
+def _sentencepiece(gf: GGUFFile, tokens: list[str], unk: int | None) -> tuple[Backend, list[str]]:
     # Gemma stores runs of spaces as real spaces; the text reaches the model as `▁`s.
     vocab = ["▁" * len(t) if t and not t.strip(" ") else t for t in tokens]
-    if gf.architecture.startswith("gemma"):
-        # Gemma's scores are -1000 for the user-defined space and newline runs, which would
-        # rank their merges late; its file order is the merge order (as transformers has it).
-        priority: Sequence[float] = range(0, -len(vocab), -1)
-    else:
-        priority = gf.array("tokenizer.ggml.scores").tolist()
+    # Gemma's scores are -1000 for the user-defined space and newline runs, which would
+    # rank their merges late; its file order is the merge order (as transformers has it).
+    scores = None if gf.architecture.startswith("gemma") else gf.array("tokenizer.ggml.scores")
+    no_scores = scores is None or len(scores) == 0
+    priority: Sequence[float] = range(0, -len(vocab), -1) if no_scores else scores.tolist()
     model = models.BPE(
         {t: i for i, t in enumerate(vocab)},
         _merges_from_priority(vocab, priority),

@@ -26,6 +26,7 @@ class SeqSlice:
     blocks: list[int]  # block table (for a window group: only the blocks still held)
     start_pos: int = 0  # position of the first token of blocks[0]
     _index: torch.Tensor | None = field(default=None, repr=False)
+    _run: int | None = field(default=-1, repr=False)
 
     def block_index(self) -> torch.Tensor:
         if self._index is None:
@@ -34,8 +35,11 @@ class SeqSlice:
 
     def block_run(self) -> int | None:
         """First block id if the table is one run of consecutive ids (a view suffices)."""
-        b = self.blocks
-        return b[0] if b and b[-1] - b[0] == len(b) - 1 else None
+        if self._run == -1:  # computed once per step, then shared by every layer
+            b = self.blocks
+            consecutive = bool(b) and all(y == x + 1 for x, y in zip(b, b[1:], strict=False))
+            self._run = b[0] if consecutive else None
+        return self._run
 
 
 @dataclass
@@ -73,7 +77,11 @@ class AttentionBatch:
 
 
 def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
 ) -> None:
     """Store the new tokens' K/V ([T, kv_heads, head_dim]) at their slots."""
     n_kv, d = k.shape[-2:]

@@ -53,7 +53,8 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
     arch = gf.architecture
     if arch not in SUPPORTED:
         raise UnsupportedModelError(
-            f"{gf.path.name}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED)})"
+            f"{gf.path.name}: architecture {arch!r} is not supported"
+            f" (supported: {', '.join(SUPPORTED)})"
         )
     hidden = int(_require(gf, "embedding_length"))
     n_layers = int(_require(gf, "block_count"))

@@ -1,9 +1,10 @@
 """A linear layer that keeps GGUF weights small and picks the fastest kernel per call.
 
-On this CPU class: torch's int4 kernel beats a bf16 GEMM while few rows go
-through (decode), the int8 kernel beats bf16 for one or two rows, and oneDNN's
-bf16 GEMM wins by far for many rows (prefill). Both int kernels need bf16
-activations and scales: with fp32 activations they are 20-50x slower.
+On this CPU class torch's int4 kernel beats a bf16 GEMM while few rows go
+through (decode) and oneDNN's bf16 GEMM wins by far for many rows (prefill).
+The int4 kernel needs bf16 activations and scales: with fp32 it is 20-50x
+slower. Types without an exact int4 form stay dense bf16: requantizing them
+per row to int8 was faster but cost measurable argmax agreement.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from accordion.models.quant import Int4Groups
 
 WEIGHT_MODES = ("auto", "int4", "bf16", "fp32")
 INT4_MAX_ROWS = 7  # measured crossover with bf16 GEMM on 2 cores (see bench/)
-INT8_MAX_ROWS = 3
 
 
 @dataclass
@@ -57,7 +57,9 @@ def stack_rows(parts: list[Matrix]) -> Matrix:
         return Matrix(
             rows,
             cols,
-            Int4Groups(*(np.concatenate([getattr(g, f) for g in gs]) for f in ("q", "scale", "zero"))),
+            Int4Groups(
+                *(np.concatenate([getattr(g, f) for g in gs]) for f in ("q", "scale", "zero"))
+            ),
         )
     return Matrix(rows, cols, dense=np.concatenate([p.to_dense() for p in parts]))
 
@@ -69,43 +71,29 @@ def _pack_int4(g: Int4Groups) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, scales_zeros.to(torch.bfloat16).contiguous()
 
 
-def _quantize_int8_rows(w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: rows keep their own scale, error <= scale / 2."""
-    t = torch.from_numpy(w)
-    scale = t.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(t / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q.contiguous(), scale.to(torch.bfloat16)
-
-
 class Linear(torch.nn.Module):
-    """y = x @ W.T (+ b), W held as int4 groups, int8 rows and/or a dense copy."""
+    """y = x @ W.T (+ b), W held as packed int4 groups and/or a dense copy."""
 
     def __init__(self, m: Matrix, mode: str, bias: np.ndarray | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = m.rows, m.cols
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.int8: tuple[torch.Tensor, torch.Tensor] | None = None
         self.dense: torch.Tensor | None = None
-        quantized = mode in ("auto", "int4")
-        if quantized and m.int4 is not None:
+        if mode in ("auto", "int4") and m.int4 is not None:
             self.int4 = _pack_int4(m.int4)
-        elif quantized:
-            self.int8 = _quantize_int8_rows(m.to_dense())
-        if mode != "int4" or (self.int4 is None and self.int8 is None):
+        if mode != "int4" or self.int4 is None:
             dtype = torch.float32 if mode == "fp32" else torch.bfloat16
             self.dense = torch.from_numpy(m.to_dense()).to(dtype)
         act_dtype = torch.float32 if mode == "fp32" else torch.bfloat16
-        self.bias = None if bias is None else torch.from_numpy(bias.astype(np.float32)).to(act_dtype)
+        self.bias = (
+            None if bias is None else torch.from_numpy(bias.astype(np.float32)).to(act_dtype)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if self.int4 is not None and (rows <= INT4_MAX_ROWS or self.dense is None):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.reshape(-1, self.in_features), self.int4[0], 32, self.int4[1]
-            )
-        elif self.int8 is not None and (rows <= INT8_MAX_ROWS or self.dense is None):
-            y = torch.ops.aten._weight_int8pack_mm(
-                x.reshape(-1, self.in_features), self.int8[0], self.int8[1]
             )
         else:
             assert self.dense is not None
@@ -114,6 +102,6 @@ class Linear(torch.nn.Module):
         return y if self.bias is None else y + self.bias
 
     def nbytes(self) -> int:
-        tensors = [t for pair in (self.int4, self.int8) if pair for t in pair]
+        tensors = list(self.int4 or ())
         tensors += [t for t in (self.dense, self.bias) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,44 @@
+"""The paged KV path gives the logits of one contiguous cache, whatever the paging."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import contiguous_logits, paged_logits
+
+from accordion.loader.gguf_file import open_gguf
+from accordion.models.build import build_decoder
+from accordion.models.config import config_from_gguf
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("block_size", [1, 3, 16, 64])
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_paging_does_not_change_logits(
+    tiny_dir: Path, arch: str, block_size: int, chunk: int
+) -> None:
+    gf = open_gguf(tiny_dir / f"{arch}.gguf")
+    cfg = config_from_gguf(gf)
+    decoder = build_decoder(gf, cfg, "fp32")
+    rng = random.Random(block_size * 1000 + chunk)
+    ids = [rng.randrange(256) for _ in range(45)]  # gemma3 tiny window is 8: crosses it
+    n_blocks = -(-len(ids) // block_size)
+    pool = list(range(3 * n_blocks))
+    rng.shuffle(pool)  # scattered, in no order, with holes
+    reference = contiguous_logits(decoder, cfg, ids)
+    paged = paged_logits(decoder, cfg, ids, block_size, pool[:n_blocks], chunk)
+    torch.testing.assert_close(paged, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_consecutive_blocks_take_the_view_path(tiny_dir: Path) -> None:
+    gf = open_gguf(tiny_dir / "llama.gguf")
+    cfg = config_from_gguf(gf)
+    decoder = build_decoder(gf, cfg, "fp32")
+    ids = list(range(10, 50))
+    reference = contiguous_logits(decoder, cfg, ids)
+    # [5, 6, 7] is one run (a view); [5, 2, 7] has the same endpoints but is not
+    for blocks in ([5, 6, 7], [5, 2, 7]):
+        torch.testing.assert_close(paged_logits(decoder, cfg, ids, 16, blocks, 1000), reference)
