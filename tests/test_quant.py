@@ -11,13 +11,13 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from accordion.models import linear
 from accordion.models.build import unpermute_order
-from accordion.models.linear import INT4_MAX_ROWS, INT8_MAX_ROWS, Linear, Matrix, stack_rows
+from accordion.models.linear import INT4_MAX_ROWS, Linear, Matrix, stack_rows
 from accordion.models.quant import int4_groups
 
 Q = GGMLQuantizationType
-ROWS = (1, 3, 8, 64)  # int kernels for few rows, the dense GEMM for many
-# |y - ref| <= TOL * max|ref|: bf16 activations, weights and output round at ~2^-9,
-# int8 rows add scale/2 per weight; fp32 only reorders float32 sums.
+ROWS = (1, 3, 8, 64)  # the int4 kernel for few rows, the dense GEMM for many
+# |y - ref| <= TOL * max|ref|: bf16 activations, weights, scales and output round at
+# ~2^-9 relative (measured ~4e-3); fp32 only reorders float32 sums (~5e-7).
 TOL = {"auto": 2e-2, "int4": 2e-2, "bf16": 2e-2, "fp32": 1e-5}
 
 
@@ -83,7 +83,7 @@ def test_int4_groups_match_gguf_dequantize_q4_k() -> None:
     assert rel_err(y, x.double() @ torch.from_numpy(ref).double().T) < TOL["int4"]
 
 
-@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q4_K + 1])
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K])
 def test_int4_groups_is_none_for_other_types(qtype: Q) -> None:
     rows, cols = 4, 256  # one K-quant super-block per row
     block_elems, block_bytes = GGML_QUANT_SIZES[Q(qtype)]
@@ -113,11 +113,9 @@ def dense_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def expects_dense(mode: str, holds_int4: bool, rows: int) -> bool:
-    if mode in ("bf16", "fp32"):
+    if mode in ("bf16", "fp32") or not holds_int4:
         return True
-    if mode == "int4":
-        return False
-    return rows > (INT4_MAX_ROWS if holds_int4 else INT8_MAX_ROWS)
+    return mode == "auto" and rows > INT4_MAX_ROWS
 
 
 @pytest.mark.parametrize("mode", ["auto", "int4", "bf16", "fp32"])
@@ -143,6 +141,19 @@ def test_linear_matches_dequantized_product(
         assert bool(dense_calls) == expects_dense(mode, qtype != Q.Q8_0, rows), rows
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="torch's int4 packing needs rows % 16 == 0 and Linear does not fall back to dense",
+)
+@pytest.mark.parametrize("mode", ["auto", "int4"])
+def test_linear_int4_with_rows_not_a_multiple_of_16(mode: str) -> None:
+    raw, w = quantized(40, 64, Q.Q4_0)  # e.g. an lm_head over a 32002-token vocabulary
+    lin = Linear(as_matrix(raw, Q.Q4_0, 40, 64), mode)
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    assert rel_err(lin(x), x.double() @ torch.from_numpy(w).double().T) < TOL[mode]
+
+
 @pytest.mark.parametrize("mode", ["auto", "int4", "bf16", "fp32"])
 def test_linear_keeps_leading_dims(mode: str) -> None:
     raw, w = quantized(32, 64, Q.Q4_1)
@@ -159,25 +170,23 @@ def test_linear_representation_per_mode() -> None:
     q4, q8 = qmatrix(n, k, Q.Q4_0), qmatrix(n, k, Q.Q8_0)
 
     auto = Linear(q4, "auto")  # int4 for decode, a bf16 copy for prefill
-    assert auto.int4 is not None and auto.int8 is None
+    assert auto.int4 is not None
     assert auto.dense is not None and auto.dense.dtype == torch.bfloat16
 
-    auto8 = Linear(q8, "auto")  # no int4 layout for Q8_0: per-row int8 instead
-    assert auto8.int4 is None and auto8.int8 is not None and auto8.int8[0].dtype == torch.int8
-    assert auto8.dense is not None and auto8.dense.dtype == torch.bfloat16
-
     int4 = Linear(q4, "int4")
-    assert int4.int4 is not None and int4.int8 is None and int4.dense is None
+    assert int4.int4 is not None and int4.dense is None
 
-    int4_of_q8 = Linear(q8, "int4")
-    assert int4_of_q8.int4 is None and int4_of_q8.int8 is not None and int4_of_q8.dense is None
+    for mode in ("auto", "int4"):  # Q8_0 has no exact int4 form: it stays dense bf16
+        lin = Linear(q8, mode)
+        assert lin.int4 is None
+        assert lin.dense is not None and lin.dense.dtype == torch.bfloat16
 
     for m in (q4, q8):
         bf16 = Linear(m, "bf16")
-        assert bf16.int4 is None and bf16.int8 is None
+        assert bf16.int4 is None
         assert bf16.dense is not None and bf16.dense.dtype == torch.bfloat16
         fp32 = Linear(m, "fp32")
-        assert fp32.int4 is None and fp32.int8 is None
+        assert fp32.int4 is None
         assert fp32.dense is not None and fp32.dense.dtype == torch.float32
         assert fp32.nbytes() == n * k * 4
 

@@ -85,8 +85,8 @@ def int4_groups(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> Int4
 def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> np.ndarray:
     """Any supported GGUF type -> float32 array of `shape`."""
     t = Q(ggml_type)
-    if t == Q.F32:
-        return raw.view(np.float32).reshape(shape)
+    if t == Q.F32:  # a copy: the file is mapped read-only
+        return raw.view(np.float32).reshape(shape).copy()
     if t == Q.F16:
         return raw.view(np.float16).reshape(shape).astype(np.float32)
     try:
