@@ -56,7 +56,11 @@ class Block(torch.nn.Module):
         self.window = cfg.sliding_window if cfg.window_layers[index] else 0
         self.act = ACTIVATIONS[cfg.activation]
         self.q_size = cfg.n_heads * cfg.head_dim
-        self.kv_size = cfg.n_kv_heads * cfg.head_dim
+        self.qk_norm = None  # per-head norm weights of Q then K, stacked once
+        if w.q_norm is not None and w.k_norm is not None:
+            self.qk_norm = torch.cat(
+                [w.q_norm.expand(cfg.n_heads, -1), w.k_norm.expand(cfg.n_kv_heads, -1)]
+            )
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, weight.shape, weight, self.cfg.norm_eps)
@@ -73,14 +77,14 @@ class Block(torch.nn.Module):
         batch: AttentionBatch,
     ) -> torch.Tensor:
         cfg, w, t = self.cfg, self.w, x.shape[0]
-        qkv = w.qkv(self.norm_in(x, w.attn_norm)).float()
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(t, cfg.n_heads, cfg.head_dim)
-        k = k.reshape(t, cfg.n_kv_heads, cfg.head_dim)
-        v = v.reshape(t, cfg.n_kv_heads, cfg.head_dim)
-        if w.q_norm is not None and w.k_norm is not None:
-            q, k = self.norm(q, w.q_norm), self.norm(k, w.k_norm)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # heads of Q, K and V side by side: [T, heads + 2 * kv_heads, head_dim]
+        heads = w.qkv(self.norm_in(x, w.attn_norm)).float().view(t, -1, cfg.head_dim)
+        n_qk = cfg.n_heads + cfg.n_kv_heads
+        qk, v = heads[:, :n_qk], heads[:, n_qk:]
+        if self.qk_norm is not None:
+            qk = F.rms_norm(qk, (cfg.head_dim,), None, cfg.norm_eps) * self.qk_norm
+        qk = apply_rope(qk, *rope)  # one rotation serves Q and K
+        q, k = qk[:, : cfg.n_heads], qk[:, cfg.n_heads :]
         write_kv(kv[0], kv[1], k, v, batch.slots)
         o = attend(q.to(kv[0].dtype), kv[0], kv[1], batch, cfg.attn_scale, self.window)
         o = w.o(o.reshape(t, self.q_size).to(self.dtype)).float()
