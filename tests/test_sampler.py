@@ -63,9 +63,7 @@ def test_top_k_limits_choice_to_the_k_best() -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    logits=st.lists(
-        st.floats(-30, 30, allow_nan=False, allow_subnormal=False), min_size=1, max_size=40
-    ),
+    logits=st.lists(st.floats(-30, 30, width=32, allow_subnormal=False), min_size=1, max_size=40),
     data=st.data(),
     temperature=st.floats(0.05, 20),
     seed=st.integers(0, 2**32 - 1),
@@ -76,9 +74,10 @@ def test_sampled_token_is_always_within_top_k(
     top_k = data.draw(st.integers(1, len(logits)), label="top_k")
     t = torch.tensor(logits)
     token = sample_one(t, params(temperature=temperature, top_k=top_k), [], new_generator(seed))
-    kth_best = torch.sort(t, descending=True).values[top_k - 1]
+    scaled = t / temperature  # what top_k ranks: dividing may round near values into ties
+    kth_best = torch.sort(scaled, descending=True).values[top_k - 1]
     assert 0 <= token < len(logits)
-    assert t[token] >= kth_best  # ties with the k-th value may go either way
+    assert scaled[token] >= kth_best  # ties with the k-th value may go either way
 
 
 # -- seeds ------------------------------------------------------------------------
@@ -233,7 +232,7 @@ def test_penalties_touch_exactly_the_recent_ids(
             assert out[i].item() == x
             continue
         expected = (x / repeat if x > 0 else x * repeat) - presence - frequency * window.count(i)
-        assert out[i].item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+        assert out[i].item() == pytest.approx(expected, rel=1e-5, abs=1e-4)
 
 
 # -- SamplingParams validation --------------------------------------------------------

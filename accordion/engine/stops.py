@@ -18,8 +18,10 @@ class StopStrings:
         if not self.stops:
             return piece, False
         text = self.held + piece
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        # the stop that completes first wins, as it would arriving token by token
+        found = [(i + len(s), i) for s in self.stops if (i := text.find(s)) >= 0]
+        if found:
+            cut = min(found)[1]
             self.held = ""
             return text[:cut], True
         keep = 0

@@ -79,7 +79,8 @@ class Linear(torch.nn.Module):
         self.out_features, self.in_features = m.rows, m.cols
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
         self.dense: torch.Tensor | None = None
-        if mode in ("auto", "int4") and m.int4 is not None:
+        # torch's int4 packing works in tiles of 16 output rows
+        if mode in ("auto", "int4") and m.int4 is not None and m.rows % 16 == 0:
             self.int4 = _pack_int4(m.int4)
         if mode != "int4" or self.int4 is None:
             dtype = torch.float32 if mode == "fp32" else torch.bfloat16
