@@ -23,3 +23,19 @@ class InvalidRequestError(AccordionError, ValueError):
 
 class TemplateError(AccordionError):
     """A model's chat template failed to compile or render, or rejected the conversation."""
+
+
+class RequestTooLargeError(AccordionError):
+    """A request that alone cannot fit the KV memory budget, however long it waits."""
+
+    def __init__(self, tokens: int, budget_tokens: int) -> None:
+        super().__init__(
+            f"request needs {tokens} tokens of KV memory but the whole budget holds"
+            f" {budget_tokens}; raise the KV budget or shorten the prompt"
+        )
+        self.tokens = tokens
+        self.budget_tokens = budget_tokens
+
+
+class RequestCancelledError(AccordionError):
+    """The caller cancelled the request before it finished."""

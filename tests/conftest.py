@@ -8,12 +8,9 @@ import pytest
 import torch
 from tiny_gguf import Q, TinySpec, write_tiny
 
-from accordion.engine.runner import Work, make_batch
-from accordion.engine.sequence import Sequence
-from accordion.kv.cache import KVCache
+from accordion.models.attention import AttentionBatch, SeqSlice
 from accordion.models.config import ModelConfig
-from accordion.models.decoder import Decoder
-from accordion.sampling_params import SamplingParams
+from accordion.models.decoder import Decoder, ForwardBatch
 
 # HF's GGUF config mapping ignores key_length for qwen3 and gemma3 and assumes their
 # default head dims (128, 256), so the tiny models use those to stay comparable.
@@ -35,6 +32,21 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+class PlainKV:
+    """The model's PagedKV protocol over plain tensors, with blocks the test chooses."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype):
+        shape = (cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[i], self.v[i]
+
+    def group_of(self, i: int) -> int:
+        return 0
+
+
 def paged_logits(
     decoder: Decoder,
     cfg: ModelConfig,
@@ -44,16 +56,23 @@ def paged_logits(
     chunk: int,
 ) -> torch.Tensor:
     """Logits of every position, prefilling `ids` in chunks into the given blocks."""
-    kv = KVCache(cfg, max(blocks) + 1, block_size, decoder.dtype)
-    seq = Sequence(ids, SamplingParams(), 1 << 30, torch.Generator())
-    seq.blocks = list(blocks)
-    out = []
+    kv = PlainKV(cfg, max(blocks) + 1, block_size, decoder.dtype)
+    out, done = [], 0
     with torch.inference_mode():
-        while seq.num_computed < len(ids):
-            n = min(chunk, len(ids) - seq.num_computed)
-            batch, _ = make_batch([Work(seq, n)], block_size)
-            out.append(decoder.lm_head(decoder.hidden_states(batch, kv)).float())
-            seq.num_computed += n
+        while done < len(ids):
+            end = min(done + chunk, len(ids))
+            slots = [
+                blocks[p // block_size] * block_size + p % block_size for p in range(done, end)
+            ]
+            seq = SeqSlice(0, end - done, end, blocks)
+            batch = ForwardBatch(
+                tokens=torch.tensor(ids[done:end]),
+                positions=torch.arange(done, end),
+                attn=[AttentionBatch(torch.tensor(slots), [seq], block_size)],
+                sample_rows=torch.arange(end - done),
+            )
+            out.append(decoder(batch, kv))
+            done = end
     return torch.cat(out)
 
 

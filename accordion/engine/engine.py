@@ -1,137 +1,236 @@
-"""The step loop: schedule decode tokens and prefill chunks, run, sample, stop."""
+"""One engine per loaded model: a step loop serving every request of the model.
+
+Callers `submit` token ids and get a RequestHandle to iterate (sync or async),
+cancel, or wait on. Each step drains new requests and cancellations, schedules
+decode tokens plus prefill chunks, runs them, samples, applies stops, and hands
+each request its events. When idle long enough the loop shrinks the KV cache
+back to its warm floor.
+
+Who drives the loop: `run_loop` blocks and is meant for the process's main
+thread (the server runs HTTP on another thread). On CPU, torch's OpenMP kernels
+called from a non-main thread pay ~75 us per parallel region here (the int4
+matmul: 25 us on the main thread, 100 us on another), which halves decode
+speed; `start` still offers a background thread where that does not matter.
+Without a loop, a handle drives `step` itself from the caller's thread.
+"""
 
 from __future__ import annotations
 
-from collections import deque
+import logging
+import threading
+import time
 from dataclasses import dataclass
 
+import psutil
 import torch
 
-from accordion.engine.runner import Work, run
+from accordion.engine.request import Event, RequestHandle
+from accordion.engine.runner import run
 from accordion.engine.sampler import new_generator, sample_one
-from accordion.engine.sequence import Sequence, Status
+from accordion.engine.scheduler import Scheduler
+from accordion.engine.sequence import Sequence
 from accordion.engine.stops import StopStrings
-from accordion.kv.block_pool import BlockPool
+from accordion.errors import InvalidRequestError, RequestCancelledError
 from accordion.kv.cache import KVCache
 from accordion.loader.detokenizer import IncrementalDetokenizer
 from accordion.loader.model import LoadedModel
 from accordion.sampling_params import SamplingParams
 
+log = logging.getLogger("accordion.engine")
+
 
 @dataclass
-class Event:
-    """What one step produced for one sequence."""
-
-    seq: Sequence
-    text: str  # new output text (may be empty)
-    token_id: int | None
-    finished: bool
+class EngineConfig:
+    kv_budget_bytes: int | None = None  # None: half of the memory available at start
+    block_size: int = 16
+    num_batch: int = 512  # tokens per step, decode and prefill together
+    max_running: int | None = None  # optional cap on concurrent sequences
+    segment_tokens: int = 64  # growth / shrink granularity of the KV cache
+    warm_tokens: int = 64  # KV capacity kept when idle
+    idle_shrink_s: float = 2.0
 
 
 class Engine:
-    def __init__(
-        self,
-        model: LoadedModel,
-        num_blocks: int = 1024,
-        block_size: int = 16,
-        num_batch: int = 512,
-    ) -> None:
+    def __init__(self, model: LoadedModel, config: EngineConfig | None = None) -> None:
         self.model = model
-        self.block_size = block_size
-        self.num_batch = num_batch
-        self.pool = BlockPool(num_blocks)
-        self.kv = KVCache(model.config, num_blocks, block_size, model.decoder.dtype)
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.config = cfg = config or EngineConfig()
+        budget = cfg.kv_budget_bytes or psutil.virtual_memory().available // 2
+        kv_dtype = torch.float32 if model.weights == "fp32" else torch.bfloat16
+        self.kv = KVCache(
+            model.config, budget, cfg.block_size, kv_dtype, cfg.segment_tokens, cfg.warm_tokens
+        )
+        num_batch = min(cfg.num_batch, model.config.context_length)
+        self.scheduler = Scheduler(self.kv, num_batch, cfg.max_running)
+        self._handles: dict[int, RequestHandle] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._stops: dict[int, StopStrings] = {}
+        self._inbox: list[Sequence] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._step_lock = threading.Lock()
+        self.looping = False
+        self._stopping = False
+        self.steps = 0
 
-    # -- requests -------------------------------------------------------------
-    def add(
-        self, prompt_ids: list[int], params: SamplingParams, num_ctx: int | None = None
-    ) -> Sequence:
-        limit = min(num_ctx or self.model.config.context_length, self.model.config.context_length)
+    # -- requests ------------------------------------------------------------------
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        num_ctx: int | None = None,
+    ) -> RequestHandle:
+        params = params or SamplingParams()
+        trained = self.model.config.context_length
+        limit = min(num_ctx or trained, trained)
         if not prompt_ids:
-            raise ValueError("prompt is empty")
+            raise InvalidRequestError("prompt is empty")
         if len(prompt_ids) >= limit:
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens, context limit is {limit}")
-        seq = Sequence(prompt_ids, params, limit, new_generator(params.seed))
-        self._detok[seq.id] = IncrementalDetokenizer(self.model.tokenizer)
-        self._stops[seq.id] = StopStrings(params.stop)
-        self.waiting.append(seq)
-        return seq
+            raise InvalidRequestError(
+                f"prompt has {len(prompt_ids)} tokens but the context limit is {limit}"
+            )
+        seq = Sequence(list(prompt_ids), params, limit, new_generator(params.seed))
+        handle = RequestHandle(seq, self)
+        with self._lock:
+            self._handles[seq.id] = handle
+            self._detok[seq.id] = IncrementalDetokenizer(self.model.tokenizer, prompt_ids)
+            self._stops[seq.id] = StopStrings(params.stop)
+            self._inbox.append(seq)
+        self._wake.set()
+        return handle
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancelled = True  # acted on at the start of the next step
+        self._wake.set()
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self._inbox) or self.scheduler.has_work()
 
-    # -- scheduling -----------------------------------------------------------
-    def _reserve(self, seq: Sequence, upto: int) -> bool:
-        need = seq.blocks_needed(upto, self.block_size)
-        if not self.pool.can_allocate(need):
-            return False
-        seq.blocks.extend(self.pool.allocate(need))
-        return True
+    # -- the loop ------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the loop on a background thread (slower on CPU: see the module doc)."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self.run_loop, name="accordion-engine", daemon=True
+            )
+            self._thread.start()
 
-    def schedule(self) -> list[Work]:
-        work: list[Work] = []
-        budget = self.num_batch
-        for seq in self.running:  # decode first: running sequences never starve
-            if budget == 0:
-                break
-            n = min(seq.num_uncomputed, budget)
-            if not self._reserve(seq, seq.num_computed + n):
-                raise MemoryError("KV cache full")  # elastic growth and preemption: engine issue
-            work.append(Work(seq, n))
-            budget -= n
-        while self.waiting and budget > 0:
-            seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
-            if not self._reserve(seq, seq.num_computed + n):
-                break
-            self.waiting.popleft()
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-            work.append(Work(seq, n))
-            budget -= n
-        return work
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
-    # -- one step -------------------------------------------------------------
+    def run_loop(self) -> None:
+        """Step while there is work, shrink when idle; returns after `stop`."""
+        self.looping, self._stopping = True, False
+        try:
+            self._loop()
+        finally:
+            self.looping = False
+
+    def _loop(self) -> None:
+        idle_since: float | None = None
+        while not self._stopping:
+            if self.has_work():
+                idle_since = None
+                try:
+                    self.step()
+                except Exception as e:  # a bug must fail its requests, not hang them
+                    log.exception("engine step failed")
+                    self._fail_all(e)
+                continue
+            now = time.perf_counter()
+            if idle_since is None:
+                idle_since = now
+            elif now - idle_since >= self.config.idle_shrink_s:
+                self.kv.shrink()
+                idle_since = float("inf")  # once per idle period
+            self._wake.wait(timeout=0.1 if idle_since != float("inf") else None)
+            self._wake.clear()
+
     def step(self) -> list[Event]:
-        work = self.schedule()
-        if not work:
-            if self.waiting:
-                raise MemoryError("KV cache cannot hold the next prompt")
-            return []
-        logits, sampled = run(self.model.decoder, self.kv, work, self.block_size)
-        return [self._advance(seq, row) for seq, row in zip(sampled, logits, strict=True)]
+        """Admit new requests, apply cancellations, run one batch; return its events."""
+        with self._step_lock:
+            return self._step()
 
+    def _step(self) -> list[Event]:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for seq in inbox:
+            self.scheduler.add(seq)
+        events = [self._cancel(s) for s in self._all() if s.cancelled]
+        work = self.scheduler.schedule()
+        events += [self._end(s, "error", "") for s in self.scheduler.failed]
+        self.scheduler.failed.clear()
+        if work:
+            now = time.perf_counter()
+            for w in work:
+                w.seq.first_scheduled = w.seq.first_scheduled or now
+            logits, sampled = run(self.model.decoder, self.kv, work)
+            self.steps += 1
+            events += [self._advance(s, row) for s, row in zip(sampled, logits, strict=True)]
+        for event in events:
+            self._handles[event.seq.id].push(event)
+            if event.finished:
+                self._forget(event.seq)
+        return events
+
+    def _all(self) -> list[Sequence]:
+        return list(self.scheduler.running) + list(self.scheduler.waiting)
+
+    # -- outcomes ------------------------------------------------------------------
     def _advance(self, seq: Sequence, logits: torch.Tensor) -> Event:
         p = seq.params
         if p.max_tokens == 0:
-            return self._finish(seq, "length", "", None)
+            return self._end(seq, "length", "")
         token = sample_one(logits, p, seq.token_ids, seq.generator)
+        seq.first_token = seq.first_token or time.perf_counter()
         if token in self.model.tokenizer.eog_ids and not p.ignore_eos:
-            return self._finish(seq, "stop", "", None)
+            return self._end(seq, "stop", "")
         seq.token_ids.append(token)
-        piece = self._detok[seq.id].add(token)
-        text, hit = self._stops[seq.id].feed(piece)
+        text, hit = self._stops[seq.id].feed(self._detok[seq.id].add(token))
         seq.text += text
         if hit:
-            return self._finish(seq, "stop", text, token)
+            return self._end(seq, "stop", text, token, flush=False)
         n_out = len(seq.token_ids) - len(seq.prompt_ids)
         if (p.max_tokens is not None and n_out >= p.max_tokens) or len(seq.token_ids) >= seq.limit:
-            return self._finish(seq, "length", text, token)
+            return self._end(seq, "length", text, token)
         return Event(seq, text, token, False)
 
-    def _finish(self, seq: Sequence, reason: str, text: str, token: int | None) -> Event:
-        if reason != "stop" or token is None:  # a stop string already cut the tail
-            tail, _ = self._stops[seq.id].feed(self._detok[seq.id].flush())
-            tail += self._stops[seq.id].flush()
+    def _end(
+        self, seq: Sequence, reason: str, text: str, token: int | None = None, flush: bool = True
+    ) -> Event:
+        if flush and reason != "error":  # release held bytes and held stop-prefix text
+            stops = self._stops[seq.id]
+            tail, _ = stops.feed(self._detok[seq.id].flush())
+            tail += stops.flush()
             seq.text += tail
             text += tail
-        seq.status, seq.finish_reason = Status.FINISHED, reason
-        self.running.remove(seq)
-        self.pool.deallocate(seq.blocks)
-        seq.blocks = []
-        del self._detok[seq.id], self._stops[seq.id]
+        self.scheduler.finish(seq)
+        seq.finish_reason = reason
+        seq.finished_at = time.perf_counter()
         return Event(seq, text, token, True)
+
+    def _cancel(self, seq: Sequence) -> Event:
+        seq.error = RequestCancelledError("request cancelled")
+        return self._end(seq, "cancelled", "", flush=False)
+
+    def _fail_all(self, error: Exception) -> None:
+        for seq in self._all():
+            seq.error = error
+            self._handles[seq.id].push(self._end(seq, "error", "", flush=False))
+            self._forget(seq)
+
+    def _forget(self, seq: Sequence) -> None:
+        self._handles.pop(seq.id, None)
+        self._detok.pop(seq.id, None)
+        self._stops.pop(seq.id, None)
+
+    # -- memory --------------------------------------------------------------------
+    def kv_stats(self) -> dict:
+        stats = self.kv.stats()
+        stats["running"] = len(self.scheduler.running)
+        stats["waiting"] = len(self.scheduler.waiting)
+        return stats

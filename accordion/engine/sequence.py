@@ -1,9 +1,10 @@
-"""A request's state inside the engine: tokens, cache blocks, progress, output."""
+"""A request's state inside the engine: tokens, progress, output, accounting."""
 
 from __future__ import annotations
 
 import enum
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -28,10 +29,20 @@ class Sequence:
     id: int = field(default_factory=lambda: next(_ids))
     token_ids: list[int] = field(default_factory=list)  # prompt, then output
     num_computed: int = 0  # leading tokens whose K/V are in the cache
-    blocks: list[int] = field(default_factory=list)
+    opened: bool = False  # holds blocks in the KV cache
     status: Status = Status.WAITING
     finish_reason: str | None = None
+    error: Exception | None = None
     text: str = ""  # output text emitted so far (stop strings removed)
+    cancelled: bool = False
+    # accounting
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache on admission
+    evaluated_tokens: int = 0  # tokens run through the model (recomputation included)
+    preemptions: int = 0
+    arrival: float = field(default_factory=time.perf_counter)
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished_at: float | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -45,6 +56,9 @@ class Sequence:
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed
 
-    def blocks_needed(self, upto: int, block_size: int) -> int:
-        """Extra blocks to hold `upto` tokens."""
-        return max(0, -(-upto // block_size) - len(self.blocks))
+    def timings(self) -> dict[str, float]:
+        """Seconds spent queued, in prefill (to the first token) and decoding."""
+        start = self.first_scheduled or self.arrival
+        first = self.first_token or self.finished_at or start
+        end = self.finished_at or time.perf_counter()
+        return {"queue": start - self.arrival, "prefill": first - start, "decode": end - first}

@@ -1,29 +1,255 @@
-"""K/V storage of a model, addressed by block id, one tensor pair per layer."""
+"""The elastic paged KV cache of one model: layer groups, block tables, prefix sharing.
+
+It knows sequences only by id and tokens by id. Full-attention layers form one
+group; sliding-window layers another, whose tables drop blocks that left the
+window so their memory is bounded by the window, not by the context.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from accordion.kv.arena import PAGE, Arena
+from accordion.kv.pool import BlockKey, BlockPool, NoFreeBlocks
 from accordion.models.config import ModelConfig
+
+__all__ = ["KVCache", "NoFreeBlocks", "SeqBlocks"]
+
+
+@dataclass
+class Group:
+    layers: list[int]
+    window: int  # 0 = full attention
+    arena: Arena
+    pool: BlockPool
+
+    def first_needed(self, pos: int, block_size: int) -> int:
+        """First block the query at `pos` may read."""
+        return 0 if not self.window else max(0, pos - self.window + 1) // block_size
+
+
+@dataclass
+class SeqBlocks:
+    tables: list[list[int]]  # per group: held blocks in position order
+    first: list[int]  # per group: logical block index of tables[g][0]
+    keys: list[BlockKey] = field(default_factory=list)  # chain keys of its full blocks
+
+
+def chain_keys(tokens: list[int], block_size: int, n_blocks: int) -> list[BlockKey]:
+    keys, parent = [], 0
+    for i in range(n_blocks):
+        key = (parent, tuple(tokens[i * block_size : (i + 1) * block_size]))
+        keys.append(key)
+        parent = hash(key)
+    return keys
 
 
 class KVCache:
     def __init__(
-        self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype
+        self,
+        cfg: ModelConfig,
+        budget_bytes: int,
+        block_size: int = 16,
+        dtype: torch.dtype = torch.bfloat16,
+        segment_tokens: int = 64,
+        warm_tokens: int = 64,
     ) -> None:
-        shape = (cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
-        self.block_size = block_size
-        self.num_blocks = num_blocks
+        self.block_size, self.budget_bytes, self.cfg = block_size, budget_bytes, cfg
+        windows = sorted({cfg.sliding_window if w else 0 for w in cfg.window_layers})
+        self.groups: list[Group] = []
+        self._group_of: list[int] = [0] * cfg.n_layers
+        for window in windows:
+            layers = [
+                i
+                for i in range(cfg.n_layers)
+                if (cfg.window_layers[i] and window) or (not cfg.window_layers[i] and not window)
+            ]
+            for i in layers:
+                self._group_of[i] = len(self.groups)
+            self.groups.append(self._make_group(layers, window, dtype, segment_tokens))
+        self.seqs: dict[int, SeqBlocks] = {}
+        self.warm_segments = [
+            -(-warm_tokens // (g.pool.segment_blocks * block_size)) for g in self.groups
+        ]
+        for g, floor in zip(self.groups, self.warm_segments, strict=True):
+            while g.pool.segments < floor and g.pool.grow():
+                pass
 
+    def _make_group(self, layers: list[int], window: int, dtype: torch.dtype, seg_tokens: int):
+        cfg, bs = self.cfg, self.block_size
+        probe = Arena(len(layers), 1, bs, cfg.n_kv_heads, cfg.head_dim, dtype)
+        seg = max(1, seg_tokens // bs)
+        while (seg * probe.block_bytes) % PAGE:  # segments release whole pages
+            seg += 1
+        max_segments = max(1, self.budget_bytes // (seg * probe.bytes_per_block))
+        arena = Arena(len(layers), max_segments * seg, bs, cfg.n_kv_heads, cfg.head_dim, dtype)
+        seg_bytes = seg * arena.bytes_per_block
+        pool = BlockPool(
+            seg,
+            max_segments,
+            arena.commit,
+            arena.release,
+            lambda: self.allocated_bytes + seg_bytes <= self.budget_bytes,
+        )
+        return Group(layers, window, arena, pool)
+
+    # -- what the model reads ----------------------------------------------------
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[i], self.v[i]
+        g = self.groups[self._group_of[i]]
+        j = g.layers.index(i)
+        return g.arena.k[j], g.arena.v[j]
 
     def group_of(self, i: int) -> int:
-        return 0
+        return self._group_of[i]
+
+    # -- sequences ---------------------------------------------------------------
+    def open(self, sid: int, tokens: list[int]) -> int:
+        """Start a sequence; share cached prefix blocks; return tokens served from cache."""
+        bs = self.block_size
+        n_full = (len(tokens) - 1) // bs  # at least one token is left to compute
+        keys = chain_keys(tokens, bs, n_full)
+        hit = 0
+        while hit < n_full and all(g.pool.peek(keys[hit]) for g in self.groups if not g.window):
+            hit += 1
+        for g in self.groups:  # a window group needs the whole window before the cut
+            while (
+                g.window
+                and hit
+                and not all(g.pool.peek(keys[i]) for i in range(g.first_needed(hit * bs, bs), hit))
+            ):
+                hit -= 1
+        seq = SeqBlocks([[] for _ in self.groups], [0] * len(self.groups), keys[:hit])
+        for gi, g in enumerate(self.groups):
+            first = g.first_needed(hit * bs, bs)
+            seq.first[gi] = first
+            for i in range(first, hit):
+                block = g.pool.lookup(keys[i])
+                assert block is not None
+                seq.tables[gi].append(block)
+        self.seqs[sid] = seq
+        return hit * bs
+
+    def blocks_needed(self, sid: int, start: int, end: int) -> list[int]:
+        """Per group: new blocks to compute positions [start, end)."""
+        seq, bs = self.seqs[sid], self.block_size
+        need = []
+        for gi, g in enumerate(self.groups):
+            held_to = seq.first[gi] + len(seq.tables[gi])
+            first = max(held_to, g.first_needed(start, bs))
+            need.append(max(0, -(-end // bs) - first))
+        return need
+
+    def try_reserve(self, sid: int, start: int, end: int) -> bool:
+        """Hold blocks for positions [start, end), growing storage as needed; False if
+        the budget (or the machine) cannot supply them: then nothing is taken."""
+        need = self.blocks_needed(sid, start, end)
+        for g, n in zip(self.groups, need, strict=True):
+            while g.pool.available < n:
+                if not g.pool.grow():
+                    return False
+        self._take(sid, start, end)
+        return True
+
+    def _take(self, sid: int, start: int, end: int) -> None:
+        seq, bs = self.seqs[sid], self.block_size
+        for gi, g in enumerate(self.groups):
+            table = seq.tables[gi]
+            drop = g.first_needed(start, bs) - seq.first[gi]
+            if drop > 0:  # left the window: back to the pool (kept as cache if full)
+                for block in table[:drop]:
+                    g.pool.deallocate(block)
+                del table[:drop]
+                seq.first[gi] += drop
+            if not table:
+                seq.first[gi] = max(seq.first[gi], g.first_needed(start, bs))
+            while seq.first[gi] + len(table) < -(-end // bs):
+                table.append(g.pool.allocate())
+
+    def written(self, sid: int, tokens: list[int], n_computed: int) -> None:
+        """Tokens [0, n_computed) are in the cache: make newly full blocks shareable."""
+        seq, bs = self.seqs[sid], self.block_size
+        while len(seq.keys) < n_computed // bs:
+            i = len(seq.keys)
+            parent = hash(seq.keys[-1]) if seq.keys else 0
+            key = (parent, tuple(tokens[i * bs : (i + 1) * bs]))
+            seq.keys.append(key)
+            for gi, g in enumerate(self.groups):
+                j = i - seq.first[gi]
+                if 0 <= j < len(seq.tables[gi]):
+                    g.pool.register(seq.tables[gi][j], key)
+
+    def close(self, sid: int) -> None:
+        """Free a sequence's blocks; full ones stay cached for later prefix hits."""
+        seq = self.seqs.pop(sid, None)
+        if seq is None:
+            return
+        for g, table in zip(self.groups, seq.tables, strict=True):
+            for block in table:
+                g.pool.deallocate(block)
+
+    def slices(self, sid: int) -> list[tuple[list[int], int]]:
+        """Per group: (block table, position of its first token)."""
+        seq = self.seqs[sid]
+        return [(t, f * self.block_size) for t, f in zip(seq.tables, seq.first, strict=True)]
+
+    # -- memory ------------------------------------------------------------------
+    def shrink(self) -> int:
+        """Release empty top segments down to the warm floor (compacting first)."""
+        released = 0
+        for g, floor in zip(self.groups, self.warm_segments, strict=True):
+            for src, dst in g.pool.compaction_moves():
+                g.arena.copy_block(src, dst)
+                g.pool.move(src, dst)
+                for seq in self.seqs.values():
+                    table = seq.tables[self.groups.index(g)]
+                    table[:] = [dst if b == src else b for b in table]
+            released += g.pool.shrink(floor)
+        return released
 
     @property
-    def bytes_per_block(self) -> int:
-        per_layer = self.k[0, 0].numel() * self.k.element_size()
-        return 2 * per_layer * self.k.shape[0]
+    def allocated_bytes(self) -> int:
+        return sum(g.pool.committed_blocks * g.arena.bytes_per_block for g in self.groups)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token across every layer."""
+        return sum(g.arena.bytes_per_block for g in self.groups) // self.block_size
+
+    def stats(self) -> dict:
+        bs, per_token = self.block_size, self.bytes_per_token
+        groups = []
+        for g in self.groups:
+            b = g.arena.bytes_per_block
+            groups.append(
+                {
+                    "layers": len(g.layers),
+                    "window": g.window,
+                    "segments": g.pool.segments,
+                    "segment_blocks": g.pool.segment_blocks,
+                    "bytes_per_block": b,
+                    "allocated_blocks": g.pool.committed_blocks,
+                    "used_blocks": g.pool.owned,
+                    "cached_blocks": len(g.pool.cached),
+                    "free_blocks": len(g.pool.free),
+                }
+            )
+
+        def total(field: str) -> int:
+            return sum(d[field] * d["bytes_per_block"] for d in groups)
+
+        return {
+            "max_tokens": self.cfg.context_length,
+            "block_size": bs,
+            "bytes_per_token": per_token,
+            "budget_bytes": self.budget_bytes,
+            "allocated_bytes": total("allocated_blocks"),
+            "used_bytes": total("used_blocks"),
+            "cached_bytes": total("cached_blocks"),
+            "allocated_tokens": total("allocated_blocks") // per_token,
+            "used_tokens": total("used_blocks") // per_token,
+            "cached_tokens": total("cached_blocks") // per_token,
+            "sequences": len(self.seqs),
+            "groups": groups,
+        }

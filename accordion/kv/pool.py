@@ -1,0 +1,162 @@
+"""Block bookkeeping for one layer group: free, cached-free or owned, never two.
+
+- owned: ref count >= 1 (several sequences may share a prefix block)
+- cached-free: nobody owns it but it still holds a full block of known tokens,
+  kept in LRU order for prefix hits and evicted first when memory is needed
+- free: holds nothing useful
+
+Blocks live in segments of `segment_blocks`; only the first `segments` are
+committed. Allocation takes the lowest free id so high segments drain, and
+shrinking releases empty segments from the top.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Callable
+
+BlockKey = tuple[int, tuple[int, ...]]  # (parent chain hash, token ids of the block)
+
+
+class NoFreeBlocks(Exception):
+    """The group's budget is reached and no cached block can be evicted."""
+
+
+class BlockPool:
+    def __init__(
+        self,
+        segment_blocks: int,
+        max_segments: int,
+        commit: Callable[[int, int], bool],
+        release: Callable[[int, int], None],
+        can_grow: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.segment_blocks = segment_blocks
+        self.max_segments = max_segments
+        self._commit, self._release, self._can_grow = commit, release, can_grow
+        self.segments = 0
+        self.free: list[int] = []  # min-heap of free ids in committed segments
+        self.cached: OrderedDict[int, None] = OrderedDict()  # LRU: oldest first
+        self.ref: dict[int, int] = {}  # owned blocks
+        self.key_of: dict[int, BlockKey] = {}  # full blocks (owned or cached-free)
+        self.by_key: dict[BlockKey, int] = {}
+
+    # -- sizes --------------------------------------------------------------
+    @property
+    def committed_blocks(self) -> int:
+        return self.segments * self.segment_blocks
+
+    @property
+    def owned(self) -> int:
+        return len(self.ref)
+
+    @property
+    def available(self) -> int:
+        """Blocks obtainable now without growing: free plus evictable cached."""
+        return len(self.free) + len(self.cached)
+
+    def can_allocate(self, n: int) -> bool:
+        growable = (self.max_segments - self.segments) * self.segment_blocks
+        return n <= self.available + growable
+
+    # -- growth and shrink --------------------------------------------------
+    def grow(self) -> bool:
+        if self.segments >= self.max_segments or not self._can_grow():
+            return False
+        first = self.segments * self.segment_blocks
+        if not self._commit(first, self.segment_blocks):
+            return False
+        self.segments += 1
+        for b in range(first, first + self.segment_blocks):
+            heapq.heappush(self.free, b)
+        return True
+
+    def shrink(self, floor_segments: int) -> int:
+        """Release top segments holding no owned block (dropping their cache); returns count."""
+        released = 0
+        while self.segments > floor_segments:
+            first = (self.segments - 1) * self.segment_blocks
+            top = range(first, first + self.segment_blocks)
+            if any(b in self.ref for b in top):
+                break
+            for b in top:
+                if b in self.cached:
+                    self._forget(b)
+                    del self.cached[b]
+            self.free = [b for b in self.free if b < first]
+            heapq.heapify(self.free)
+            self._release(first, self.segment_blocks)
+            self.segments -= 1
+            released += 1
+        return released
+
+    def compaction_moves(self) -> list[tuple[int, int]]:
+        """(src, dst) moves that would empty the top segment into lower free blocks."""
+        if self.segments < 2:
+            return []
+        first = (self.segments - 1) * self.segment_blocks
+        live = [b for b in range(first, first + self.segment_blocks) if b in self.ref]
+        low_free = sorted(b for b in self.free if b < first)[: len(live)]
+        return list(zip(live, low_free, strict=False)) if len(low_free) == len(live) else []
+
+    def move(self, src: int, dst: int) -> None:
+        """Account a block's contents moved from src (owned) to dst (free)."""
+        self.free.remove(dst)
+        heapq.heapify(self.free)
+        self.ref[dst] = self.ref.pop(src)
+        key = self.key_of.pop(src, None)
+        if key is not None:
+            self.key_of[dst] = key
+            self.by_key[key] = dst
+        heapq.heappush(self.free, src)
+
+    # -- allocation ---------------------------------------------------------
+    def allocate(self) -> int:
+        if not self.free and not self.cached:
+            self.grow()
+        if self.free:
+            block = heapq.heappop(self.free)
+        elif self.cached:
+            block, _ = self.cached.popitem(last=False)  # evict the least recently used
+            self._forget(block)
+        else:
+            raise NoFreeBlocks
+        self.ref[block] = 1
+        return block
+
+    def lookup(self, key: BlockKey) -> int | None:
+        """A full block with exactly these tokens after this parent, now owned once more."""
+        block = self.by_key.get(key)
+        if block is None:
+            return None
+        if block in self.cached:
+            del self.cached[block]
+            self.ref[block] = 1
+        else:
+            self.ref[block] += 1
+        return block
+
+    def peek(self, key: BlockKey) -> bool:
+        return key in self.by_key
+
+    def register(self, block: int, key: BlockKey) -> None:
+        """Record a block that just became full so later requests can share it."""
+        if key in self.by_key or block in self.key_of:
+            return  # an identical block is already known; this one stays private
+        self.key_of[block] = key
+        self.by_key[key] = block
+
+    def deallocate(self, block: int) -> None:
+        self.ref[block] -= 1
+        if self.ref[block] > 0:
+            return
+        del self.ref[block]
+        if block in self.key_of:
+            self.cached[block] = None  # most recently used at the end
+        else:
+            heapq.heappush(self.free, block)
+
+    def _forget(self, block: int) -> None:
+        key = self.key_of.pop(block)
+        del self.by_key[key]
