@@ -57,6 +57,9 @@ class Scheduler:
             if not seq.opened:
                 hit = self.kv.open(seq.id, seq.token_ids)
                 seq.opened, seq.num_computed = True, hit
+                if self.kv.coming_soon(seq.id) and (self.running or work):
+                    self._close(seq)  # another sequence is computing our prefix: share it
+                    break
                 if seq.preemptions == 0:
                     seq.cached_tokens = min(hit, len(seq.prompt_ids))
             n = min(seq.num_uncomputed, budget)

@@ -70,6 +70,10 @@ class KVCache:
                 self._group_of[i] = len(self.groups)
             self.groups.append(self._make_group(layers, window, dtype, segment_tokens))
         self.seqs: dict[int, SeqBlocks] = {}
+        # full prompt blocks some open sequence is about to compute: a request sharing
+        # them waits one step rather than computing them a second time
+        self.inflight: dict[BlockKey, int] = {}
+        self._promised: dict[int, list[BlockKey]] = {}
         self.warm_segments = [
             -(-warm_tokens // (g.pool.segment_blocks * block_size)) for g in self.groups
         ]
@@ -121,6 +125,9 @@ class KVCache:
             ):
                 hit -= 1
         seq = SeqBlocks([[] for _ in self.groups], [0] * len(self.groups), keys[:hit])
+        self._promised[sid] = keys[hit:]
+        for key in keys[hit:]:
+            self.inflight[key] = self.inflight.get(key, 0) + 1
         for gi, g in enumerate(self.groups):
             first = g.first_needed(hit * bs, bs)
             seq.first[gi] = first
@@ -130,6 +137,19 @@ class KVCache:
                 seq.tables[gi].append(block)
         self.seqs[sid] = seq
         return hit * bs
+
+    def coming_soon(self, sid: int) -> bool:
+        """Is the first block this sequence must compute also being computed by another?"""
+        promised = self._promised.get(sid)
+        return bool(promised) and self.inflight.get(promised[0], 0) > 1
+
+    def _unpromise(self, sid: int, keys: list[BlockKey]) -> None:
+        for key in keys:
+            left = self.inflight.get(key, 0) - 1
+            if left > 0:
+                self.inflight[key] = left
+            else:
+                self.inflight.pop(key, None)
 
     def blocks_needed(self, sid: int, start: int, end: int) -> list[int]:
         """Per group: new blocks to compute positions [start, end)."""
@@ -154,18 +174,24 @@ class KVCache:
 
     def _take(self, sid: int, start: int, end: int) -> None:
         seq, bs = self.seqs[sid], self.block_size
+        self._trim(seq, start)
         for gi, g in enumerate(self.groups):
             table = seq.tables[gi]
-            drop = g.first_needed(start, bs) - seq.first[gi]
-            if drop > 0:  # left the window: back to the pool (kept as cache if full)
-                for block in table[:drop]:
-                    g.pool.deallocate(block)
-                del table[:drop]
-                seq.first[gi] += drop
             if not table:
                 seq.first[gi] = max(seq.first[gi], g.first_needed(start, bs))
             while seq.first[gi] + len(table) < -(-end // bs):
                 table.append(g.pool.allocate())
+
+    def _trim(self, seq: SeqBlocks, pos: int) -> None:
+        """Window groups give back blocks no query from `pos` on can see."""
+        for gi, g in enumerate(self.groups):
+            drop = g.first_needed(pos, self.block_size) - seq.first[gi]
+            if g.window and drop > 0:
+                table = seq.tables[gi]
+                for block in table[:drop]:
+                    g.pool.deallocate(block)  # a full block stays cached for prefix hits
+                del table[:drop]
+                seq.first[gi] += drop
 
     def written(self, sid: int, tokens: list[int], n_computed: int) -> None:
         """Tokens [0, n_computed) are in the cache: make newly full blocks shareable."""
@@ -175,16 +201,21 @@ class KVCache:
             parent = hash(seq.keys[-1]) if seq.keys else 0
             key = (parent, tuple(tokens[i * bs : (i + 1) * bs]))
             seq.keys.append(key)
+            promised = self._promised.get(sid)
+            if promised and promised[0] == key:
+                self._unpromise(sid, [promised.pop(0)])
             for gi, g in enumerate(self.groups):
                 j = i - seq.first[gi]
                 if 0 <= j < len(seq.tables[gi]):
                     g.pool.register(seq.tables[gi][j], key)
+        self._trim(seq, n_computed)  # memory at rest stays within the window
 
     def close(self, sid: int) -> None:
         """Free a sequence's blocks; full ones stay cached for later prefix hits."""
         seq = self.seqs.pop(sid, None)
         if seq is None:
             return
+        self._unpromise(sid, self._promised.pop(sid, []))
         for g, table in zip(self.groups, seq.tables, strict=True):
             for block in table:
                 g.pool.deallocate(block)
