@@ -96,8 +96,7 @@ def measure(model: str, mode: str, prompt_tokens: int, tokens: int) -> Result:
     del loaded
     gc.collect()
 
-    kv_tokens = max(prompt_tokens + 16, BATCH * (DECODE_PROMPT + tokens + 16))
-    llm = LLM(model, weights=mode, kv_tokens=kv_tokens)
+    llm = LLM(model, weights=mode)  # the KV cache grows with the requests
     ids = long_ids(llm.tokenizer, prompt_tokens + BATCH * DECODE_PROMPT)
 
     def greedy(n: int) -> SamplingParams:

@@ -202,3 +202,38 @@ def test_same_seed_same_tokens_alone_or_batched(tiny_dir: Path) -> None:
     assert [h.result() for h in handles][2].token_ids == alone.token_ids
     torch.manual_seed(0)  # the global generator plays no part
     assert engine(model, 4096).submit(list(range(20)), params).result().token_ids == alone.token_ids
+
+
+def test_async_iteration_with_the_loop_on_another_thread(tiny_dir: Path) -> None:
+    import asyncio
+
+    model = tiny(tiny_dir, "llama")
+    eng = engine(model, 4096)
+    loop_thread = threading.Thread(target=eng.run_loop, daemon=True)
+    loop_thread.start()
+
+    async def main() -> list[list[int]]:
+        handles = [eng.submit(list(range(i, i + 30)), GREEDY) for i in range(3)]
+        tokens = []
+        for h in handles:
+            got = [e.token_id async for e in h if e.token_id is not None]
+            assert (await h.aresult()).token_ids == got
+            tokens.append(got)
+        return tokens
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        eng.stop()
+        loop_thread.join()
+    assert got == [solo_greedy(model, list(range(i, i + 30)), 10) for i in range(3)]
+
+
+def test_max_running_caps_concurrency(tiny_dir: Path) -> None:
+    eng = engine(tiny(tiny_dir, "llama"), 4096, max_running=2)
+    handles = [eng.submit(list(range(i, i + 20)), GREEDY) for i in range(5)]
+    most = 0
+    while any(h.seq.finish_reason is None for h in handles):
+        eng.step()
+        most = max(most, len(eng.scheduler.running))
+    assert most == 2

@@ -34,10 +34,12 @@ def test_stream_pieces_join_to_the_batch_text(llm: LLM) -> None:
     assert "".join(pieces) == llm.chat(prompt, GREEDY)[0].text
 
 
-def test_batch_of_prompts_equals_each_alone(llm: LLM) -> None:
+def test_batch_of_prompts_equals_each_alone() -> None:
+    # fp32: the bf16 fast path batches with other kernels, so near-ties may flip there
+    exact = LLM("smollm2", weights="fp32")
     prompts = ["The sun is", "One, two, three,", "def add(a, b):"]
-    together = llm.generate(prompts, GREEDY)
-    alone = [llm.generate(p, GREEDY)[0] for p in prompts]
+    together = exact.generate(prompts, GREEDY)
+    alone = [exact.generate(p, GREEDY)[0] for p in prompts]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
 
 

@@ -62,6 +62,7 @@ class RequestHandle:
         self.seq = seq
         self._engine = engine
         self._events: queue.Queue[Event] = queue.Queue()
+        self.done = False  # the finishing event has been handed out
         self._loop: asyncio.AbstractEventLoop | None = None
         self._async_events: asyncio.Queue[Event] | None = None
         try:  # created inside a running event loop: deliver there too
@@ -84,11 +85,10 @@ class RequestHandle:
         self._engine.cancel(self.seq)
 
     def __iter__(self) -> Iterator[Event]:
-        while True:
+        while not self.done:
             event = self._next()
+            self.done = event.finished
             yield event
-            if event.finished:
-                return
 
     def _next(self) -> Event:
         if not self._engine.looping:  # nobody runs the loop: drive the engine ourselves
@@ -98,11 +98,10 @@ class RequestHandle:
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         assert self._async_events is not None, "create the request inside the event loop"
-        while True:
+        while not self.done:
             event = await self._async_events.get()
+            self.done = event.finished
             yield event
-            if event.finished:
-                return
 
     def result(self) -> RequestOutput:
         for _ in self:

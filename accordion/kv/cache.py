@@ -217,7 +217,7 @@ class KVCache:
             return
         self._unpromise(sid, self._promised.pop(sid, []))
         for g, table in zip(self.groups, seq.tables, strict=True):
-            for block in table:
+            for block in reversed(table):  # tail first: LRU evicts a chain from its end
                 g.pool.deallocate(block)
 
     def slices(self, sid: int) -> list[tuple[list[int], int]]:

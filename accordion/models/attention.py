@@ -50,6 +50,7 @@ class AttentionBatch:
     seqs: list[SeqSlice]
     block_size: int
     _masks: dict[tuple[int, int], torch.Tensor | None] = field(default_factory=dict, repr=False)
+    _decode: dict[int, DecodeGather | None] = field(default_factory=dict, repr=False)
 
     def key_range(self, s: SeqSlice, window: int) -> tuple[int, int]:
         """Absolute positions [lo, hi) of the keys any new token of `s` may see."""
@@ -74,6 +75,43 @@ class AttentionBatch:
                     m &= qpos - kpos < window
             self._masks[key] = m
         return self._masks[key]
+
+
+@dataclass
+class DecodeGather:
+    """Decode sequences (one new token each) attended in one padded batch."""
+
+    members: list[int]  # indices into AttentionBatch.seqs
+    rows: torch.Tensor  # long [B]: their rows in the flat batch
+    slots: torch.Tensor  # long [B * L]: cache slot of each key, padded with slot 0
+    mask: torch.Tensor  # bool [B, 1, 1, L]: real keys
+
+
+def decode_gather(batch: AttentionBatch, window: int) -> DecodeGather | None:
+    """Built once per step and window, shared by all layers; None for fewer than 2."""
+    if window in batch._decode:
+        return batch._decode[window]
+    members = [i for i, s in enumerate(batch.seqs) if s.q_len == 1]
+    gather = None
+    if len(members) >= 2:
+        bs = batch.block_size
+        spans = []
+        for i in members:
+            s = batch.seqs[i]
+            lo, hi = batch.key_range(s, window)
+            blocks = torch.tensor(s.blocks, dtype=torch.long)
+            pos = torch.arange(lo, hi) - s.start_pos
+            spans.append(blocks[pos // bs] * bs + pos % bs)
+        width = max(len(x) for x in spans)
+        slots = torch.zeros(len(spans), width, dtype=torch.long)
+        mask = torch.zeros(len(spans), 1, 1, width, dtype=torch.bool)
+        for j, x in enumerate(spans):
+            slots[j, : len(x)] = x
+            mask[j, ..., : len(x)] = True
+        rows = torch.tensor([batch.seqs[i].q_start for i in members], dtype=torch.long)
+        gather = DecodeGather(members, rows, slots.view(-1), mask)
+    batch._decode[window] = gather
+    return gather
 
 
 def write_kv(
@@ -110,7 +148,27 @@ def attend(
 ) -> torch.Tensor:
     """q [T, heads, head_dim] -> [T, heads, head_dim] attending over each sequence's cache."""
     out = torch.empty_like(q)
+    done: set[int] = set()
+    gather = decode_gather(batch, window)
+    if gather is not None:  # every decode token in one call: one gather, one kernel
+        n_kv, d = k_cache.shape[-2:]
+        b = len(gather.members)
+        keys = k_cache.view(-1, n_kv, d).index_select(0, gather.slots).view(b, -1, n_kv, d)
+        values = v_cache.view(-1, n_kv, d).index_select(0, gather.slots).view(b, -1, n_kv, d)
+        qs = q.index_select(0, gather.rows).unsqueeze(2)  # [B, heads, 1, d]
+        o = F.scaled_dot_product_attention(
+            qs,
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=gather.mask,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out.index_copy_(0, gather.rows, o.squeeze(2))
+        done.update(gather.members)
     for i, s in enumerate(batch.seqs):
+        if i in done:
+            continue
         lo, hi = batch.key_range(s, window)
         keys = _keys(k_cache, s, lo, hi, batch.block_size).transpose(0, 1).unsqueeze(0)
         values = _keys(v_cache, s, lo, hi, batch.block_size).transpose(0, 1).unsqueeze(0)
