@@ -45,8 +45,8 @@ class EngineConfig:
     block_size: int = 16
     num_batch: int = 512  # tokens per step, decode and prefill together
     max_running: int | None = None  # optional cap on concurrent sequences
-    segment_tokens: int = 64  # growth / shrink granularity of the KV cache
-    warm_tokens: int = 64  # KV capacity kept when idle
+    segment_tokens: int = 32  # growth / shrink granularity of the KV cache
+    warm_tokens: int = 32  # KV capacity kept when idle
     idle_shrink_s: float = 2.0
 
 

@@ -1,0 +1,118 @@
+"""The HTTP app: Ollama's API under /api, OpenAI's under /v1, errors as clients expect."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from contextvars import ContextVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from accordion import __version__
+from accordion.errors import (
+    AccordionError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    RequestTooLargeError,
+    TemplateError,
+)
+from accordion.server.manager import ModelManager, OutOfMemoryBudgetError, ServerBusyError
+from accordion.server.store import ModelStore
+
+log = logging.getLogger("accordion.api")
+request_id: ContextVar[str] = ContextVar("request_id", default="-")
+MAX_BODY = 32 << 20  # bytes; larger bodies are refused before parsing
+
+STATUS = {
+    ModelNotFoundError: 404,
+    InvalidRequestError: 400,
+    TemplateError: 400,
+    RequestTooLargeError: 400,
+    ServerBusyError: 503,
+    OutOfMemoryBudgetError: 507,
+}
+
+
+def status_of(error: Exception) -> int:
+    for kind, status in STATUS.items():
+        if isinstance(error, kind):
+            return status
+    return 400 if isinstance(error, ValueError | AccordionError) else 500
+
+
+def error_response(request: Request, status: int, message: str) -> JSONResponse:
+    """Ollama's {"error": "..."} under /api, OpenAI's error object under /v1."""
+    if request.url.path.startswith("/v1"):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        code = {404: "model_not_found", 503: "server_busy"}.get(status)
+        body: dict = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    else:
+        body = {"error": message}
+    return JSONResponse(body, status_code=status)
+
+
+def create_app(manager: ModelManager, store: ModelStore) -> FastAPI:
+    app = FastAPI(title="accordion", version=__version__, docs_url=None, redoc_url=None)
+    app.state.manager = manager
+    app.state.store = store
+
+    @app.middleware("http")
+    async def with_request_id(request: Request, call_next):  # noqa: ANN202
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        if request.method in ("POST", "DELETE") and "json" not in request.headers.get(
+            "content-type", ""
+        ):  # Ollama reads every body as JSON whatever the client's content type says
+            headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+            request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
+        request_id.set(rid)
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > MAX_BODY:
+            response: Response = error_response(request, 413, f"request body over {MAX_BODY} bytes")
+        else:
+            response = await call_next(request)
+        response.headers["X-Request-ID"] = rid
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "json_invalid":
+            message = "invalid JSON in request body"
+        else:
+            message = (
+                f"{where}: {first.get('msg', 'invalid value')}" if where else "invalid request"
+            )
+        return error_response(request, 400, message)
+
+    @app.exception_handler(AccordionError)
+    async def accordion_error(request: Request, exc: AccordionError) -> JSONResponse:
+        status = status_of(exc)
+        log.info("request_id=%s status=%d error=%s", request_id.get(), status, exc)
+        return error_response(request, status, str(exc))
+
+    @app.exception_handler(json.JSONDecodeError)
+    async def bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
+        return error_response(request, 400, f"invalid JSON: {exc.msg}")
+
+    @app.get("/")
+    async def root() -> PlainTextResponse:
+        return PlainTextResponse("Ollama is running")
+
+    @app.head("/")
+    async def root_head() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/api/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    from accordion.api import ollama, openai, store_routes
+
+    app.include_router(ollama.router)
+    app.include_router(store_routes.router)
+    app.include_router(openai.router)
+    return app

@@ -1,0 +1,286 @@
+"""Ollama's generation routes: /api/generate, /api/chat, /api/embed(dings), /api/ps."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from accordion.api import service
+from accordion.api.app import request_id
+from accordion.engine.request import Event, RequestOutput
+from accordion.errors import InvalidRequestError
+from accordion.models.embed import embed
+from accordion.server.durations import parse_keep_alive
+from accordion.server.manager import Loaded, ModelManager
+
+router = APIRouter()
+NDJSON = "application/x-ndjson"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    options: dict[str, Any] | None = None
+    keep_alive: str | int | float | None = None
+    stream: bool = True
+    truncate: bool = True
+    shift: bool = False
+    format: str | dict[str, Any] | None = None
+
+
+class GenerateBody(_Body):
+    prompt: str = ""
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    raw: bool = False
+    images: list[str] | None = None
+    context: list[int] | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[Any] | None = ""
+    images: list[str] | None = None
+
+
+class ChatBody(_Body):
+    messages: list[Message] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+
+
+class EmbedBody(BaseModel):
+    model: str
+    input: str | list[str] | None = None
+    prompt: str | None = None  # /api/embeddings
+    truncate: bool = True
+    options: dict[str, Any] | None = None
+    keep_alive: str | int | float | None = None
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def manager_of(request: Request) -> ModelManager:
+    return request.app.state.manager
+
+
+async def load(request: Request, body: _Body | EmbedBody) -> tuple[Loaded, float]:
+    keep_alive = None if body.keep_alive is None else parse_keep_alive(body.keep_alive)
+    return await manager_of(request).get(body.model, keep_alive)
+
+
+def check_unsupported(body: _Body, images: list[str] | None) -> None:
+    if images:
+        raise InvalidRequestError(f"model '{body.model}' does not support images")
+    if body.format is not None and body.format != "":
+        raise InvalidRequestError(
+            "format (JSON mode / schemas) is not supported yet: constrained decoding is not built"
+        )
+    if body.shift:
+        raise InvalidRequestError("shift is not supported: generation stops at the context limit")
+
+
+def stats(out: RequestOutput, load_s: float, start: float) -> dict[str, Any]:
+    t = out.timings
+    doc: dict[str, Any] = {
+        "done_reason": out.finish_reason if out.finish_reason in ("stop", "length") else "stop",
+        "total_duration": int((time.perf_counter() - start) * 1e9),
+        "load_duration": int(load_s * 1e9),
+        "prompt_eval_count": max(1, out.prompt_tokens - out.cached_tokens),
+        "prompt_eval_duration": int(t.get("prefill", 0) * 1e9),
+        "eval_count": len(out.token_ids),
+        "eval_duration": int(t.get("decode", 0) * 1e9),
+        "prompt_cache_count": out.cached_tokens,
+    }
+    return doc
+
+
+async def respond(
+    request: Request,
+    body: _Body,
+    loaded: Loaded,
+    load_s: float,
+    prepared: service.Prepared,
+    piece: Any,
+    start: float,
+) -> Any:
+    """Stream NDJSON chunks (or one object); `piece(text)` shapes a chunk's payload."""
+    manager = manager_of(request)
+    head = {"model": body.model}
+
+    def final(out: RequestOutput, text: str) -> dict[str, Any]:
+        doc = {
+            **head,
+            "created_at": now(),
+            **piece(text),
+            "done": True,
+            **stats(out, load_s, start),
+        }
+        if prepared.truncated:
+            doc["truncated"] = prepared.truncated
+        return doc
+
+    if not body.stream:
+        out = await service.complete(manager, loaded, prepared)
+        service.raise_for(out)
+        return JSONResponse(final(out, out.text))
+
+    async def lines() -> AsyncIterator[bytes]:
+        async for item in service.run(manager, loaded, prepared):
+            if isinstance(item, Event):
+                if item.text:
+                    chunk = {**head, "created_at": now(), **piece(item.text), "done": False}
+                    yield (json.dumps(chunk) + "\n").encode()
+            elif item.error is not None and item.finish_reason == "error":
+                yield (json.dumps({"error": str(item.error)}) + "\n").encode()
+            else:
+                yield (json.dumps(final(item, "")) + "\n").encode()
+
+    return StreamingResponse(lines(), media_type=NDJSON)
+
+
+def load_reply(body: _Body, request: Request, loaded: Loaded, chat: bool) -> JSONResponse:
+    unload = body.keep_alive is not None and parse_keep_alive(body.keep_alive) == 0
+    if unload:
+        manager_of(request).unload(loaded.name)
+    doc = {
+        "model": body.model,
+        "created_at": now(),
+        "done": True,
+        "done_reason": "unload" if unload else "load",
+    }
+    doc.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
+    return JSONResponse(doc)
+
+
+@router.post("/api/generate")
+async def generate(body: GenerateBody, request: Request) -> Any:
+    start = time.perf_counter()
+    loaded, load_s = await load(request, body)
+    if not body.prompt and not body.suffix:
+        return load_reply(body, request, loaded, chat=False)
+    check_unsupported(body, body.images)
+    if body.suffix:
+        raise InvalidRequestError(f"model '{body.model}' does not support insert (suffix)")
+    prepared = service.prepare_generate(
+        loaded, body.prompt, body.options, body.system, body.raw, body.truncate, request_id.get()
+    )
+    return await respond(
+        request, body, loaded, load_s, prepared, lambda text: {"response": text}, start
+    )
+
+
+@router.post("/api/chat")
+async def chat(body: ChatBody, request: Request) -> Any:
+    start = time.perf_counter()
+    if not body.messages:
+        raise InvalidRequestError("messages must not be empty")
+    loaded, load_s = await load(request, body)
+    check_unsupported(body, [i for m in body.messages for i in (m.images or [])])
+    if body.tools and not loaded.model.template.supports_tools:
+        raise InvalidRequestError(f"model '{body.model}' does not support tools")
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    prepared = service.prepare_chat(
+        loaded, messages, body.options, body.truncate, body.tools, request_id.get()
+    )
+    return await respond(
+        request,
+        body,
+        loaded,
+        load_s,
+        prepared,
+        lambda text: {"message": {"role": "assistant", "content": text}},
+        start,
+    )
+
+
+async def _embeddings(request: Request, body: EmbedBody, texts: list[str]) -> tuple[list, int]:
+    manager = manager_of(request)
+    loaded, _ = await load(request, body)
+    opts = service.request_options(loaded, body.options)
+    limit = service.context_limit(loaded, opts)
+    tokenizer = loaded.model.tokenizer
+    vectors, count = [], 0
+    manager.begin(loaded)
+    try:
+        for text in texts:
+            ids = tokenizer.encode(text) or [tokenizer.bos_id or 0]
+            if len(ids) > limit:
+                if not body.truncate:
+                    raise InvalidRequestError(
+                        f"input is {len(ids)} tokens but the context limit is {limit} tokens"
+                    )
+                ids = ids[:limit]
+            count += len(ids)
+            vectors.append(await asyncio.to_thread(embed, loaded.model.decoder, ids))
+    finally:
+        manager.end(loaded)
+    return vectors, count
+
+
+@router.post("/api/embed")
+async def embed_route(body: EmbedBody, request: Request) -> dict[str, Any]:
+    start = time.perf_counter()
+    texts = [body.input] if isinstance(body.input, str) else list(body.input or [])
+    if not texts:
+        raise InvalidRequestError("input must be a string or a non-empty list of strings")
+    vectors, count = await _embeddings(request, body, texts)
+    return {
+        "model": body.model,
+        "embeddings": vectors,
+        "total_duration": int((time.perf_counter() - start) * 1e9),
+        "load_duration": 0,
+        "prompt_eval_count": count,
+    }
+
+
+@router.post("/api/embeddings")
+async def embeddings_route(body: EmbedBody, request: Request) -> dict[str, Any]:
+    if body.prompt is None:
+        raise InvalidRequestError("prompt is required")
+    vectors, _ = await _embeddings(request, body, [body.prompt])
+    return {"embedding": vectors[0]}
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    from accordion.api.store_routes import details
+
+    models = []
+    for entry in list(manager_of(request).loaded.values()):
+        stats_ = entry.engine.kv_stats()
+        size = entry.weight_bytes + stats_["allocated_bytes"]
+        expires = datetime.fromtimestamp(min(entry.expires_at, 4102444800), UTC)
+        models.append(
+            {
+                "name": entry.name,
+                "model": entry.name,
+                "size": size,
+                "size_vram": 0,
+                "digest": entry.entry.digest,
+                "details": details(entry.entry, entry.model),
+                "expires_at": expires.isoformat().replace("+00:00", "Z"),
+                "context_length": stats_["max_tokens"],
+                "context": {
+                    "max": stats_["max_tokens"],
+                    "allocated": stats_["allocated_tokens"],
+                    "used": stats_["used_tokens"],
+                    "cached": stats_["cached_tokens"],
+                },
+                "kv_bytes": {"allocated": stats_["allocated_bytes"], "used": stats_["used_bytes"]},
+                "active": entry.active,
+                "engine_id": entry.engine_id,
+            }
+        )
+    return {"models": models}

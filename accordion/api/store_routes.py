@@ -1,0 +1,246 @@
+"""Ollama's model routes: tags, show, create, copy, delete, pull."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from gguf import LlamaFileType
+from pydantic import BaseModel, ConfigDict
+
+from accordion.errors import InvalidRequestError, ModelNotFoundError
+from accordion.loader.bundled import BUNDLED, split_tag
+from accordion.loader.gguf_file import open_gguf
+from accordion.loader.model import LoadedModel
+from accordion.server.store import ModelEntry, ModelStore
+
+router = APIRouter()
+
+
+def store_of(request: Request) -> ModelStore:
+    return request.app.state.store
+
+
+def details(entry: ModelEntry, model: LoadedModel | None = None) -> dict[str, Any]:
+    gf = model.gguf if model is not None else open_gguf(entry.path)
+    arch = gf.architecture
+    try:
+        quant = LlamaFileType(gf.get("general.file_type")).name.removeprefix("MOSTLY_")
+    except ValueError:
+        quant = "unknown"
+    return {
+        "parent_model": entry.source if not entry.bundled else "",
+        "format": "gguf",
+        "family": arch,
+        "families": [arch],
+        "parameter_size": str(gf.get("general.size_label", "")),
+        "quantization_level": quant,
+    }
+
+
+def tag_of(entry: ModelEntry) -> dict[str, Any]:
+    return {
+        "name": entry.name,
+        "model": entry.name,
+        "modified_at": entry.modified_at.isoformat().replace("+00:00", "Z"),
+        "size": entry.size,
+        "digest": entry.digest,
+        "details": details(entry),
+    }
+
+
+@router.get("/api/tags")
+async def tags(request: Request) -> dict[str, Any]:
+    return {"models": [tag_of(e) for e in store_of(request).list()]}
+
+
+class NameBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    name: str | None = None  # older clients send "name"
+    verbose: bool = False
+
+    def target(self) -> str:
+        value = self.model or self.name
+        if not value:
+            raise InvalidRequestError("model is required")
+        return value
+
+
+def modelfile(entry: ModelEntry, template: str) -> str:
+    lines = [f"FROM {entry.path}"]
+    if template:
+        lines.append(f'TEMPLATE """{template}"""')
+    if entry.system:
+        lines.append(f'SYSTEM """{entry.system}"""')
+    for key, value in entry.parameters.items():
+        for v in value if isinstance(value, list) else [value]:
+            lines.append(f"PARAMETER {key} {json.dumps(v) if isinstance(v, str) else v}")
+    return "\n".join(lines) + "\n"
+
+
+@router.post("/api/show")
+async def show(body: NameBody, request: Request) -> dict[str, Any]:
+    entry = store_of(request).get(body.target())
+    gf = open_gguf(entry.path)
+    template = entry.template or str(gf.get("tokenizer.chat_template") or "")
+    info = {k: v for k, v in gf.metadata.items() if not isinstance(v, list) or len(v) < 64}
+    if "tokenizer.chat_template" in info:
+        del info["tokenizer.chat_template"]
+    params = "\n".join(f"{k} {v}" for k, v in entry.parameters.items())
+    capabilities = ["completion"]
+    if "tools" in template:
+        capabilities.append("tools")
+    return {
+        "modelfile": modelfile(entry, template),
+        "parameters": params,
+        "template": template,
+        "system": entry.system or "",
+        "details": details(entry),
+        "model_info": info,
+        "capabilities": capabilities,
+        "modified_at": entry.modified_at.isoformat().replace("+00:00", "Z"),
+    }
+
+
+class CreateBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    name: str | None = None
+    from_: str | None = None
+    modelfile: str | None = None
+    parameters: dict[str, Any] | None = None
+    system: str | None = None
+    template: str | None = None
+    stream: bool = True
+
+
+def parse_modelfile(text: str) -> dict[str, Any]:
+    """FROM, PARAMETER, SYSTEM, TEMPLATE lines (triple-quoted values may span lines)."""
+    out: dict[str, Any] = {"parameters": {}}
+    lines = iter(text.splitlines())
+    for line in lines:
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        command, _, rest = stripped.partition(" ")
+        command, rest = command.upper(), rest.strip()
+        if rest.startswith('"""'):
+            value = rest[3:]
+            while not value.endswith('"""'):
+                try:
+                    value += "\n" + next(lines)
+                except StopIteration:
+                    raise InvalidRequestError(f'unterminated """ in {command}') from None
+            rest = value[:-3]
+        if command == "FROM":
+            out["from"] = rest
+        elif command in ("SYSTEM", "TEMPLATE"):
+            out[command.lower()] = rest
+        elif command == "PARAMETER":
+            key, _, value = rest.partition(" ")
+            out["parameters"].setdefault(key, []).append(_parse_value(value.strip()))
+        else:
+            raise InvalidRequestError(f"unknown Modelfile command {command}")
+    out["parameters"] = {k: v if k == "stop" else v[-1] for k, v in out["parameters"].items()}
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@router.post("/api/create")
+async def create(request: Request) -> Any:
+    try:
+        raw = await request.json()
+    except ValueError:
+        raise InvalidRequestError("invalid JSON in request body") from None
+    if not isinstance(raw, dict):
+        raise InvalidRequestError("request body must be an object")
+    raw["from_"] = raw.pop("from", None)
+    body = CreateBody.model_validate(raw)
+    name = body.model or body.name
+    if not name:
+        raise InvalidRequestError("model is required")
+    spec: dict[str, Any] = parse_modelfile(body.modelfile) if body.modelfile else {"parameters": {}}
+    source = body.from_ or spec.get("from")
+    if not source:
+        raise InvalidRequestError("from is required (a model name or a GGUF path)")
+    parameters = {**spec["parameters"], **(body.parameters or {})}
+    from accordion.api.options import merge
+
+    merge(parameters)  # wrong option types are a 400 now, not at first use
+    store_of(request).create(
+        name,
+        source,
+        parameters,
+        body.system or spec.get("system"),
+        body.template or spec.get("template"),
+    )
+    steps = [{"status": "parsing modelfile"}, {"status": "writing manifest"}, {"status": "success"}]
+    if not body.stream:
+        return JSONResponse(steps[-1])
+
+    async def lines() -> AsyncIterator[bytes]:
+        for step in steps:
+            yield (json.dumps(step) + "\n").encode()
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+class CopyBody(BaseModel):
+    source: str
+    destination: str
+
+
+@router.post("/api/copy")
+async def copy(body: CopyBody, request: Request) -> Response:
+    store_of(request).copy(body.source, body.destination)
+    return Response(status_code=200)
+
+
+@router.delete("/api/delete")
+async def delete(body: NameBody, request: Request) -> Response:
+    name = body.target()
+    store_of(request).delete(name)
+    request.app.state.manager.unload(name)
+    return Response(status_code=200)
+
+
+@router.post("/api/pull")
+async def pull(body: NameBody, request: Request) -> Any:
+    name = body.target()
+    base, tag = split_tag(name)
+    if base not in BUNDLED or tag != "latest":
+        raise ModelNotFoundError(
+            f"pull model '{name}': no network here; bundled models are {', '.join(BUNDLED)}"
+        )
+    entry = store_of(request).get(name)  # assembles a chunked bundled model once
+    steps = [
+        {"status": "pulling manifest"},
+        {
+            "status": f"pulling {entry.digest[:12]}",
+            "digest": f"sha256:{entry.digest}",
+            "total": entry.size,
+            "completed": entry.size,
+        },
+        {"status": "verifying sha256 digest"},
+        {"status": "writing manifest"},
+        {"status": "success"},
+    ]
+    stream = (await request.json()).get("stream", True)
+    if stream is False:
+        return JSONResponse(steps[-1])
+
+    async def lines() -> AsyncIterator[bytes]:
+        for step in steps:
+            yield (json.dumps(step) + "\n").encode()
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")

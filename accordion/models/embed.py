@@ -1,0 +1,38 @@
+"""Sentence embeddings from a decoder: mean of final hidden states, L2-normalized."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from accordion.models.attention import AttentionBatch, SeqSlice
+from accordion.models.decoder import Decoder, ForwardBatch
+
+
+class _ScratchKV:
+    """A throwaway contiguous cache: one block holds the whole input."""
+
+    def __init__(self, decoder: Decoder, n: int) -> None:
+        cfg = decoder.cfg
+        shape = (cfg.n_layers, 1, n, cfg.n_kv_heads, cfg.head_dim)
+        self.k = torch.empty(shape, dtype=decoder.dtype)
+        self.v = torch.empty(shape, dtype=decoder.dtype)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[i], self.v[i]
+
+    def group_of(self, i: int) -> int:
+        return 0
+
+
+@torch.inference_mode()
+def embed(decoder: Decoder, ids: list[int]) -> list[float]:
+    n = len(ids)
+    batch = ForwardBatch(
+        tokens=torch.tensor(ids),
+        positions=torch.arange(n),
+        attn=[AttentionBatch(torch.arange(n), [SeqSlice(0, n, n, [0])], n)],
+        sample_rows=torch.empty(0, dtype=torch.long),
+    )
+    h = decoder.hidden_states(batch, _ScratchKV(decoder, n)).float()
+    return F.normalize(h.mean(dim=0), dim=0).tolist()

@@ -1,0 +1,212 @@
+"""Loaded models: load on first use, keep for keep_alive, evict, drive their engines.
+
+One engine per loaded model. `num_ctx` is a per-request limit, never a reason
+to reload. The engines are stepped by `drive` on the process's main thread
+(torch's CPU kernels are slow from other threads); HTTP handlers run on
+uvicorn's thread and only submit requests and await their events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+from accordion.engine.engine import Engine, EngineConfig
+from accordion.errors import AccordionError
+from accordion.loader.chat_template import ChatTemplate
+from accordion.loader.model import LoadedModel, load_model
+from accordion.server.durations import parse_keep_alive
+from accordion.server.store import ModelEntry, ModelStore
+
+log = logging.getLogger("accordion.server")
+_engine_ids = itertools.count(1)
+
+
+class ServerBusyError(AccordionError):
+    """The request queue is full; try again later (HTTP 503)."""
+
+
+class OutOfMemoryBudgetError(AccordionError):
+    """No room for this model even after unloading every idle one."""
+
+
+@dataclass
+class Loaded:
+    name: str
+    entry: ModelEntry
+    model: LoadedModel
+    engine: Engine
+    engine_id: int
+    keep_alive: float  # seconds; < 0 = forever
+    expires_at: float = 0.0  # wall clock; refreshed when a request ends
+    active: int = 0  # requests in flight
+    last_used: float = field(default_factory=time.monotonic)
+    idle_since: float | None = None
+    weight_bytes: int = 0
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+        self.expires_at = float("inf") if self.keep_alive < 0 else time.time() + self.keep_alive
+
+
+class ModelManager:
+    def __init__(
+        self,
+        store: ModelStore,
+        memory_budget: int | None = None,
+        default_keep_alive: float | None = None,
+        max_queue: int | None = None,
+        engine_config: EngineConfig | None = None,
+    ) -> None:
+        self.store = store
+        env_cap = os.environ.get("ACCORDION_MEMORY_LIMIT")
+        self.memory_budget = memory_budget or (
+            int(env_cap) if env_cap else int(psutil.virtual_memory().available * 0.8)
+        )
+        self.default_keep_alive = (
+            default_keep_alive
+            if default_keep_alive is not None
+            else parse_keep_alive(os.environ.get("ACCORDION_KEEP_ALIVE", "5m"))
+        )
+        self.max_queue = max_queue or int(os.environ.get("ACCORDION_MAX_QUEUE", "512"))
+        self.engine_config = engine_config or EngineConfig()
+        self.loaded: dict[str, Loaded] = {}
+        self._loading: dict[str, asyncio.Future[Loaded]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+
+    # -- loading ---------------------------------------------------------------------
+    async def get(self, name: str, keep_alive: float | None = None) -> tuple[Loaded, float]:
+        """The loaded model (loading it once however many ask); returns (entry, load seconds)."""
+        model_entry = self.store.get(name)  # ModelNotFoundError for unknown names
+        name = model_entry.name
+        entry = self.loaded.get(name)
+        if entry is not None:
+            if keep_alive is not None:
+                entry.keep_alive = keep_alive
+            return entry, 0.0
+        pending = self._loading.get(name)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._loading[name] = pending
+            start = time.perf_counter()
+            try:
+                entry = await asyncio.to_thread(self._load, model_entry, keep_alive)
+                pending.set_result(entry)
+            except BaseException as e:  # a cancelled or failed load leaves nothing behind
+                pending.set_exception(e)
+                pending.exception()  # mark retrieved
+                raise
+            finally:
+                self._loading.pop(name, None)
+            return entry, time.perf_counter() - start
+        entry = await asyncio.shield(pending)
+        return entry, 0.0
+
+    def _load(self, model_entry: ModelEntry, keep_alive: float | None) -> Loaded:
+        name = model_entry.name
+        model = load_model(str(model_entry.path))
+        model.name = name
+        if model_entry.template:  # a created model's own chat template
+            tok = model.tokenizer
+            model.template = ChatTemplate(model_entry.template, tok.bos_token, tok.eos_token)
+        weight_bytes = model.decoder.nbytes()
+        self._make_room(weight_bytes)
+        budget = max(self.memory_budget - self.committed_bytes() - weight_bytes, 1 << 24)
+        config = EngineConfig(**{**self.engine_config.__dict__, "kv_budget_bytes": budget})
+        engine = Engine(model, config)
+        ka = self.default_keep_alive if keep_alive is None else keep_alive
+        entry = Loaded(
+            name, model_entry, model, engine, next(_engine_ids), ka, weight_bytes=weight_bytes
+        )
+        entry.touch()
+        with self._lock:
+            self.loaded[name] = entry
+        log.info(
+            "loaded model=%s engine=%d seconds=%.2f", name, entry.engine_id, model.load_seconds
+        )
+        return entry
+
+    def committed_bytes(self) -> int:
+        return sum(e.weight_bytes + e.engine.kv.allocated_bytes for e in self.loaded.values())
+
+    def _make_room(self, need: int) -> None:
+        """Unload idle models, least recently used first, until `need` bytes fit."""
+        while self.committed_bytes() + need > self.memory_budget:
+            idle = [e for e in self.loaded.values() if e.active == 0]
+            if not idle:
+                raise OutOfMemoryBudgetError(
+                    f"model needs {need >> 20} MiB but the memory budget"
+                    f" ({self.memory_budget >> 20} MiB) is held by models in use"
+                )
+            self.unload(min(idle, key=lambda e: e.last_used).name)
+
+    def unload(self, name: str) -> bool:
+        with self._lock:
+            entry = self.loaded.pop(name, None)
+        if entry is None:
+            return False
+        for seq in list(entry.engine.scheduler.running) + list(entry.engine.scheduler.waiting):
+            entry.engine.cancel(seq)
+        log.info("unloaded model=%s engine=%d", name, entry.engine_id)
+        return True
+
+    # -- requests --------------------------------------------------------------------
+    def begin(self, entry: Loaded) -> None:
+        queued = sum(e.active for e in self.loaded.values())
+        if queued >= self.max_queue:
+            raise ServerBusyError(f"server busy: {queued} requests queued (ACCORDION_MAX_QUEUE)")
+        entry.active += 1
+        entry.idle_since = None
+        self._wake.set()
+
+    def end(self, entry: Loaded) -> None:
+        entry.active -= 1
+        entry.touch()
+        if entry.active == 0:
+            entry.idle_since = time.monotonic()
+            if entry.keep_alive == 0:
+                self.unload(entry.name)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- the main-thread loop ----------------------------------------------------------
+    def drive(self) -> None:
+        """Step every engine with work; expire and shrink idle ones; until `stop`."""
+        while not self._stopping:
+            busy = False
+            for entry in list(self.loaded.values()):
+                engine = entry.engine
+                if engine.has_work():
+                    busy = True
+                    try:
+                        engine.step()
+                    except Exception as e:
+                        log.exception("engine step failed model=%s", entry.name)
+                        engine._fail_all(e)
+            if not busy:
+                self._housekeeping()
+                self._wake.wait(timeout=0.25)
+                self._wake.clear()
+
+    def _housekeeping(self) -> None:
+        now_wall, now = time.time(), time.monotonic()
+        for entry in list(self.loaded.values()):
+            if entry.active == 0 and entry.expires_at <= now_wall:
+                self.unload(entry.name)
+            elif entry.idle_since is not None and now - entry.idle_since > 2.0:
+                entry.engine.kv.shrink()
+                entry.idle_since = None
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()

@@ -1,0 +1,51 @@
+"""`accordion serve`: HTTP on a background thread, the engines on the main thread."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+import uvicorn
+
+from accordion.api.app import create_app
+from accordion.server.manager import ModelManager
+from accordion.server.store import ModelStore
+
+DEFAULT_HOST = "127.0.0.1:11434"
+
+
+def host_port(value: str | None = None) -> tuple[str, int]:
+    text = value or os.environ.get("ACCORDION_HOST") or DEFAULT_HOST
+    text = text.removeprefix("http://")
+    host, _, port = text.rpartition(":")
+    return (host or "127.0.0.1"), int(port or 11434)
+
+
+def serve(address: str | None = None, log_level: str = "info") -> None:
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s level=%(levelname)s %(name)s %(message)s"
+    )
+    host, port = host_port(address)
+    store = ModelStore()
+    manager = ModelManager(store)
+    app = create_app(manager, store)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
+    )
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+
+    def shutdown(*_: object) -> None:
+        server.should_exit = True
+        manager.stop()
+
+    signal.signal(signal.SIGINT, shutdown)
+    signal.signal(signal.SIGTERM, shutdown)
+    http = threading.Thread(target=server.run, name="accordion-http", daemon=True)
+    http.start()
+    try:
+        manager.drive()  # torch work stays on the main thread (see engine/engine.py)
+    finally:
+        server.should_exit = True
+        http.join(timeout=10)
