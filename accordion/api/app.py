@@ -10,6 +10,8 @@ from contextvars import ContextVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from accordion import __version__
 from accordion.errors import (
@@ -77,7 +79,10 @@ def create_app(manager: ModelManager, store: ModelStore) -> FastAPI:
         return response
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    @app.exception_handler(ValidationError)  # a route's own model_validate: 400, not 500
+    async def invalid(
+        request: Request, exc: RequestValidationError | ValidationError
+    ) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         if first.get("type") == "json_invalid":
@@ -93,6 +98,13 @@ def create_app(manager: ModelManager, store: ModelStore) -> FastAPI:
         status = status_of(exc)
         log.info("request_id=%s status=%d error=%s", request_id.get(), status, exc)
         return error_response(request, status, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # unknown routes and wrong methods answer in the API's error shape, not FastAPI's
+        response = error_response(request, exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(json.JSONDecodeError)
     async def bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:

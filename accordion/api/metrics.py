@@ -29,10 +29,12 @@ class _KVCollector(Collector):
             "allocated_bytes": "KV cache bytes allocated",
             "used_bytes": "KV cache bytes held by running requests",
         }
-        families = {k: GaugeMetricFamily(f"accordion_kv_{k}", h, labels=["model"])
-                    for k, h in names.items()}
-        running = GaugeMetricFamily("accordion_running_requests", "Sequences running",
-                                    labels=["model"])
+        families = {
+            k: GaugeMetricFamily(f"accordion_kv_{k}", h, labels=["model"]) for k, h in names.items()
+        }
+        running = GaugeMetricFamily(
+            "accordion_running_requests", "Sequences running", labels=["model"]
+        )
         waiting = GaugeMetricFamily("accordion_queue_depth", "Sequences waiting", labels=["model"])
         for entry in list(self.manager.loaded.values()):
             stats = entry.engine.kv_stats()
@@ -49,17 +51,35 @@ class Metrics:
     def __init__(self, manager: ModelManager) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("accordion_requests", "Finished generation requests",
-                                ["model", "finish_reason"], registry=r)
-        self.tokens = Counter("accordion_tokens", "Tokens by kind (prompt, cached, generated)",
-                              ["model", "kind"], registry=r)
-        self.preemptions = Counter("accordion_preemptions", "Sequences preempted for memory",
-                                   ["model"], registry=r)
-        self.ttft = Histogram("accordion_time_to_first_token_seconds", "Arrival to first token",
-                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.per_token = Histogram("accordion_time_per_output_token_seconds",
-                                   "Decode time per generated token", ["model"],
-                                   buckets=TOKEN_BUCKETS, registry=r)
+        self.requests = Counter(
+            "accordion_requests",
+            "Finished generation requests",
+            ["model", "finish_reason"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "accordion_tokens",
+            "Tokens by kind (prompt, cached, generated)",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "accordion_preemptions", "Sequences preempted for memory", ["model"], registry=r
+        )
+        self.ttft = Histogram(
+            "accordion_time_to_first_token_seconds",
+            "Arrival to first token",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.per_token = Histogram(
+            "accordion_time_per_output_token_seconds",
+            "Decode time per generated token",
+            ["model"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
         r.register(_KVCollector(manager))
 
     def observe(self, model: str, out: RequestOutput) -> None:

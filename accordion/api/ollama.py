@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from accordion.api import service
 from accordion.api.app import request_id
@@ -23,6 +23,7 @@ from accordion.server.manager import Loaded, ModelManager
 
 router = APIRouter()
 NDJSON = "application/x-ndjson"
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class _Body(BaseModel):
@@ -30,9 +31,9 @@ class _Body(BaseModel):
     model: str
     options: dict[str, Any] | None = None
     keep_alive: str | int | float | None = None
-    stream: bool = True
-    truncate: bool = True
-    shift: bool = False
+    stream: StrictBool = True  # strict: "yes" is a 400, as in Ollama, not True
+    truncate: StrictBool = True
+    shift: StrictBool = False
     format: str | dict[str, Any] | None = None
 
 
@@ -41,7 +42,7 @@ class GenerateBody(_Body):
     suffix: str | None = None
     system: str | None = None
     template: str | None = None
-    raw: bool = False
+    raw: StrictBool = False
     images: list[str] | None = None
     context: list[int] | None = None
 
@@ -62,7 +63,7 @@ class EmbedBody(BaseModel):
     model: str
     input: str | list[str] | None = None
     prompt: str | None = None  # /api/embeddings
-    truncate: bool = True
+    truncate: StrictBool = True
     options: dict[str, Any] | None = None
     keep_alive: str | int | float | None = None
 
@@ -186,6 +187,11 @@ async def chat(body: ChatBody, request: Request) -> Any:
     start = time.perf_counter()
     if not body.messages:
         raise InvalidRequestError("messages must not be empty")
+    for i, m in enumerate(body.messages):
+        if m.role not in ROLES:
+            raise InvalidRequestError(
+                f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.role!r}"
+            )
     loaded, load_s = await load(request, body)
     check_unsupported(body, [i for m in body.messages for i in (m.images or [])])
     if body.tools and not loaded.model.template.supports_tools:

@@ -61,6 +61,8 @@ def _check(name: str, value: Any) -> Any:
         raise InvalidRequestError(
             f"option {name!r} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}"
         )
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:  # Go's int64, as in Ollama
+        raise InvalidRequestError(f"option {name!r} is out of range: {value}")
     if name == "stop" and isinstance(value, list) and not all(isinstance(s, str) for s in value):
         raise InvalidRequestError("option 'stop' must be a list of strings")
     return value

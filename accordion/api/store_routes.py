@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from gguf import LlamaFileType
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictBool
 
 from accordion.errors import InvalidRequestError, ModelNotFoundError
 from accordion.loader.bundled import BUNDLED, split_tag
@@ -61,7 +61,7 @@ class NameBody(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     name: str | None = None  # older clients send "name"
-    verbose: bool = False
+    verbose: StrictBool = False
 
     def target(self) -> str:
         value = self.model or self.name
@@ -115,7 +115,7 @@ class CreateBody(BaseModel):
     parameters: dict[str, Any] | None = None
     system: str | None = None
     template: str | None = None
-    stream: bool = True
+    stream: StrictBool = True
 
 
 def parse_modelfile(text: str) -> dict[str, Any]:
@@ -174,16 +174,14 @@ async def create(request: Request) -> Any:
     if not source:
         raise InvalidRequestError("from is required (a model name or a GGUF path)")
     parameters = {**spec["parameters"], **(body.parameters or {})}
-    from accordion.api.options import merge
+    from accordion.api.options import merge, to_request_options
+    from accordion.loader.chat_template import ChatTemplate
 
-    merge(parameters)  # wrong option types are a 400 now, not at first use
-    store_of(request).create(
-        name,
-        source,
-        parameters,
-        body.system or spec.get("system"),
-        body.template or spec.get("template"),
-    )
+    to_request_options(merge(parameters))  # wrong option types or ranges: a 400 now
+    template = body.template or spec.get("template")
+    if template:
+        ChatTemplate(template)  # a template that does not compile: a 400 now, not at first use
+    store_of(request).create(name, source, parameters, body.system or spec.get("system"), template)
     steps = [{"status": "parsing modelfile"}, {"status": "writing manifest"}, {"status": "success"}]
     if not body.stream:
         return JSONResponse(steps[-1])

@@ -167,7 +167,10 @@ class KVCache:
         need = self.blocks_needed(sid, start, end)
         for g, n in zip(self.groups, need, strict=True):
             while g.pool.available < n:
-                if not g.pool.grow():
+                if g.pool.grow():
+                    continue
+                # the budget is shared: idle segments of another group may be given back
+                if not self._reclaim(g, need) or not g.pool.grow():
                     return False
         self._take(sid, start, end)
         return True
@@ -226,18 +229,27 @@ class KVCache:
         return [(t, f * self.block_size) for t, f in zip(seq.tables, seq.first, strict=True)]
 
     # -- memory ------------------------------------------------------------------
+    def _reclaim(self, wanting: Group, need: list[int]) -> bool:
+        """Release other groups' unowned top segments beyond what this step needs of them."""
+        released = 0
+        for gi, g in enumerate(self.groups):
+            if g is not wanting:
+                released += self._shrink_group(gi, self.warm_segments[gi], keep=need[gi])
+        return released > 0
+
     def shrink(self) -> int:
         """Release empty top segments down to the warm floor (compacting first)."""
-        released = 0
-        for g, floor in zip(self.groups, self.warm_segments, strict=True):
-            for src, dst in g.pool.compaction_moves():
-                g.arena.copy_block(src, dst)
-                g.pool.move(src, dst)
-                for seq in self.seqs.values():
-                    table = seq.tables[self.groups.index(g)]
-                    table[:] = [dst if b == src else b for b in table]
-            released += g.pool.shrink(floor)
-        return released
+        return sum(self._shrink_group(gi, floor) for gi, floor in enumerate(self.warm_segments))
+
+    def _shrink_group(self, gi: int, floor: int, keep: int = 0) -> int:
+        g = self.groups[gi]
+        for src, dst in g.pool.compaction_moves():
+            g.arena.copy_block(src, dst)
+            g.pool.move(src, dst)
+            for seq in self.seqs.values():
+                table = seq.tables[gi]
+                table[:] = [dst if b == src else b for b in table]
+        return g.pool.shrink(floor, keep)
 
     @property
     def allocated_bytes(self) -> int:

@@ -72,10 +72,11 @@ class BlockPool:
             heapq.heappush(self.free, b)
         return True
 
-    def shrink(self, floor_segments: int) -> int:
-        """Release top segments holding no owned block (dropping their cache); returns count."""
+    def shrink(self, floor_segments: int, keep: int = 0) -> int:
+        """Release top segments holding no owned block (dropping their cache), keeping at
+        least `keep` blocks available; returns how many segments went."""
         released = 0
-        while self.segments > floor_segments:
+        while self.segments > floor_segments and self.available - self.segment_blocks >= keep:
             first = (self.segments - 1) * self.segment_blocks
             top = range(first, first + self.segment_blocks)
             if any(b in self.ref for b in top):
@@ -142,8 +143,15 @@ class BlockPool:
 
     def register(self, block: int, key: BlockKey) -> None:
         """Record a block that just became full so later requests can share it."""
-        if key in self.by_key or block in self.key_of:
-            return  # an identical block is already known; this one stays private
+        if block in self.key_of:
+            return
+        old = self.by_key.get(key)
+        if old is not None:
+            if old not in self.cached:
+                return  # a live identical block already serves hits; this one stays private
+            del self.cached[old]  # the idle copy gives way to the one in use
+            self._forget(old)
+            heapq.heappush(self.free, old)
         self.key_of[block] = key
         self.by_key[key] = block
 

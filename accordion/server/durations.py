@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from accordion.errors import InvalidRequestError
@@ -17,12 +18,19 @@ def parse_keep_alive(value: str | int | float | None) -> float:
     if isinstance(value, bool):
         raise InvalidRequestError("keep_alive must be a number of seconds or a duration")
     if isinstance(value, int | float):
-        return float(value)
-    text = value.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
+        seconds = float(value)
+    else:
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            return _parse_duration(value, text)
+    if math.isnan(seconds):
+        raise InvalidRequestError(f"invalid keep_alive duration {value!r} (e.g. '5m', '30s', -1)")
+    return seconds
+
+
+def _parse_duration(value: str, text: str) -> float:
     sign = -1.0 if text.startswith("-") else 1.0
     body = text.lstrip("+-")
     parts = _PART.findall(body)
