@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from accordion import __version__
+from accordion.api.metrics import Metrics
 from accordion.errors import (
     AccordionError,
     InvalidRequestError,
@@ -117,6 +118,13 @@ def create_app(manager: ModelManager, store: ModelStore) -> FastAPI:
     @app.head("/")
     async def root_head() -> Response:
         return Response(status_code=200)
+
+    metrics = Metrics(manager)
+    manager.observers.append(metrics.observe)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/api/version")
     async def version() -> dict:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from accordion.api.app import request_id
 from accordion.api.options import RequestOptions, merge, to_request_options
 from accordion.engine.request import Event, RequestHandle, RequestOutput, output_of
 from accordion.errors import InvalidRequestError
@@ -134,9 +135,23 @@ async def run(
         manager.wake()
         async for event in handle:
             yield event
-        yield output_of(handle.seq)
+        output = output_of(handle.seq)
+        for observe in manager.observers:
+            observe(loaded.name, output)
+        log.info(
+            "request_id=%s model=%s prompt=%d cached=%d generated=%d preemptions=%d finish=%s",
+            request_id.get(),
+            loaded.name,
+            output.prompt_tokens,
+            output.cached_tokens,
+            len(output.token_ids),
+            output.preemptions,
+            output.finish_reason,
+        )
+        yield output
     finally:
         if handle is not None and not handle.done:  # client disconnected mid-stream
+            log.info("request_id=%s client went away; cancelling", request_id.get())
             handle.cancel()
             manager.wake()
         manager.end(loaded)

@@ -14,7 +14,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 
@@ -78,6 +80,8 @@ class ModelManager:
         self.max_queue = max_queue or int(os.environ.get("ACCORDION_MAX_QUEUE", "512"))
         self.engine_config = engine_config or EngineConfig()
         self.loaded: dict[str, Loaded] = {}
+        # called with (model name, RequestOutput) when a request ends: metrics, logs
+        self.observers: list[Callable[[str, Any], None]] = []
         self._loading: dict[str, asyncio.Future[Loaded]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
