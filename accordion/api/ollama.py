@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +16,6 @@ from accordion.api import service
 from accordion.api.app import request_id
 from accordion.engine.request import Event, RequestOutput
 from accordion.errors import InvalidRequestError
-from accordion.models.embed import embed
 from accordion.server.durations import parse_keep_alive
 from accordion.server.manager import Loaded, ModelManager
 
@@ -212,27 +210,10 @@ async def chat(body: ChatBody, request: Request) -> Any:
 
 
 async def _embeddings(request: Request, body: EmbedBody, texts: list[str]) -> tuple[list, int]:
-    manager = manager_of(request)
     loaded, _ = await load(request, body)
-    opts = service.request_options(loaded, body.options)
-    limit = service.context_limit(loaded, opts)
-    tokenizer = loaded.model.tokenizer
-    vectors, count = [], 0
-    manager.begin(loaded)
-    try:
-        for text in texts:
-            ids = tokenizer.encode(text) or [tokenizer.bos_id or 0]
-            if len(ids) > limit:
-                if not body.truncate:
-                    raise InvalidRequestError(
-                        f"input is {len(ids)} tokens but the context limit is {limit} tokens"
-                    )
-                ids = ids[:limit]
-            count += len(ids)
-            vectors.append(await asyncio.to_thread(embed, loaded.model.decoder, ids))
-    finally:
-        manager.end(loaded)
-    return vectors, count
+    return await service.embed_texts(
+        manager_of(request), loaded, texts, body.truncate, body.options
+    )
 
 
 @router.post("/api/embed")

@@ -10,7 +10,6 @@ after it started reports the error as one SSE data line.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
@@ -28,7 +27,6 @@ from accordion.api import service
 from accordion.api.app import request_id, status_of
 from accordion.engine.request import Event, RequestOutput
 from accordion.errors import InvalidRequestError
-from accordion.models.embed import embed
 from accordion.server.manager import Loaded, ModelManager
 from accordion.server.store import ModelEntry
 
@@ -336,27 +334,13 @@ async def embeddings(body: EmbeddingsBody, request: Request) -> dict[str, Any]:
             f"model '{body.model}' embeds in {loaded.model.config.hidden} dimensions;"
             f" dimensions={body.dimensions} is not supported"
         )
-    limit = service.context_limit(loaded, service.request_options(loaded, None))
-    tokenizer = loaded.model.tokenizer
-    data, count = [], 0
-    manager.begin(loaded)  # counts as in use, so it is not unloaded under us
-    try:
-        for index, text in enumerate(texts):
-            ids = tokenizer.encode(text) or [tokenizer.bos_id or 0]
-            if len(ids) > limit:
-                if not body.truncate:
-                    raise InvalidRequestError(
-                        f"input[{index}] is {len(ids)} tokens but the context limit is"
-                        f" {limit} tokens"
-                    )
-                ids = ids[:limit]
-            count += len(ids)
-            vector = await asyncio.to_thread(embed, loaded.model.decoder, ids)
-            if body.encoding_format == "base64":  # what the official client asks for by default
-                vector = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
-            data.append({"object": "embedding", "index": index, "embedding": vector})
-    finally:
-        manager.end(loaded)
+    vectors, count = await service.embed_texts(manager, loaded, texts, body.truncate)
+    data = []
+    for index, vector in enumerate(vectors):
+        value: Any = vector
+        if body.encoding_format == "base64":  # what the official client asks for by default
+            value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        data.append({"object": "embedding", "index": index, "embedding": value})
     return {
         "object": "list",
         "data": data,

@@ -9,6 +9,7 @@ trained length. A prompt that does not fit is either refused (truncate=false:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from accordion.api.options import RequestOptions, merge, to_request_options
 from accordion.engine.request import Event, RequestHandle, RequestOutput, output_of
 from accordion.errors import InvalidRequestError
 from accordion.loader.chat_template import normalize_messages
+from accordion.models.embed import embed
 from accordion.server.manager import Loaded, ModelManager
 
 log = logging.getLogger("accordion.api")
@@ -170,3 +172,32 @@ def raise_for(output: RequestOutput) -> None:
     """A request the engine ended with an error surfaces it to the HTTP layer."""
     if output.error is not None and output.finish_reason == "error":
         raise output.error
+
+
+async def embed_texts(
+    manager: ModelManager,
+    loaded: Loaded,
+    texts: list[str],
+    truncate: bool = True,
+    options: dict[str, Any] | None = None,
+) -> tuple[list[list[float]], int]:
+    """One normalized mean-pooled vector per text, and the tokens read."""
+    limit = context_limit(loaded, request_options(loaded, options))
+    tokenizer = loaded.model.tokenizer
+    vectors, count = [], 0
+    manager.begin(loaded)  # counts as in use, so it is not unloaded under us
+    try:
+        for index, text in enumerate(texts):
+            ids = tokenizer.encode(text) or [tokenizer.bos_id or 0]
+            if len(ids) > limit:
+                if not truncate:
+                    raise InvalidRequestError(
+                        f"input[{index}] is {len(ids)} tokens but the context limit is"
+                        f" {limit} tokens"
+                    )
+                ids = ids[:limit]
+            count += len(ids)
+            vectors.append(await asyncio.to_thread(embed, loaded.model.decoder, ids))
+    finally:
+        manager.end(loaded)
+    return vectors, count
