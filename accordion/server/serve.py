@@ -3,31 +3,23 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
+import time
 
 import uvicorn
 
 from accordion.api.app import create_app
+from accordion.server.address import host_port
 from accordion.server.manager import ModelManager
 from accordion.server.store import ModelStore
-
-DEFAULT_HOST = "127.0.0.1:11434"
-
-
-def host_port(value: str | None = None) -> tuple[str, int]:
-    text = value or os.environ.get("ACCORDION_HOST") or DEFAULT_HOST
-    text = text.removeprefix("http://")
-    host, _, port = text.rpartition(":")
-    return (host or "127.0.0.1"), int(port or 11434)
 
 
 def serve(address: str | None = None, log_level: str = "info") -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s level=%(levelname)s %(name)s %(message)s"
     )
-    host, port = host_port(address)
+    host, port, _ = host_port(address)
     store = ModelStore()
     manager = ModelManager(store)
     app = create_app(manager, store)
@@ -44,6 +36,10 @@ def serve(address: str | None = None, log_level: str = "info") -> None:
     signal.signal(signal.SIGTERM, shutdown)
     http = threading.Thread(target=server.run, name="accordion-http", daemon=True)
     http.start()
+    while not server.started and http.is_alive():  # e.g. the port is taken: uvicorn gives up
+        time.sleep(0.05)
+    if not server.started:
+        raise SystemExit(f"accordion: could not listen on {host}:{port}")
     try:
         manager.drive()  # torch work stays on the main thread (see engine/engine.py)
     finally:
