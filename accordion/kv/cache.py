@@ -233,15 +233,15 @@ class KVCache:
         """Release other groups' unowned top segments beyond what this step needs of them."""
         released = 0
         for gi, g in enumerate(self.groups):
-            if g is not wanting:
-                released += self._shrink_group(gi, self.warm_segments[gi], keep=need[gi])
+            if g is not wanting:  # no compaction here: live tables stay as they are
+                released += g.pool.shrink(self.warm_segments[gi], keep=need[gi])
         return released > 0
 
     def shrink(self) -> int:
         """Release empty top segments down to the warm floor (compacting first)."""
         return sum(self._shrink_group(gi, floor) for gi, floor in enumerate(self.warm_segments))
 
-    def _shrink_group(self, gi: int, floor: int, keep: int = 0) -> int:
+    def _shrink_group(self, gi: int, floor: int) -> int:
         g = self.groups[gi]
         for src, dst in g.pool.compaction_moves():
             g.arena.copy_block(src, dst)
@@ -249,7 +249,7 @@ class KVCache:
             for seq in self.seqs.values():
                 table = seq.tables[gi]
                 table[:] = [dst if b == src else b for b in table]
-        return g.pool.shrink(floor, keep)
+        return g.pool.shrink(floor)
 
     @property
     def allocated_bytes(self) -> int:
