@@ -97,14 +97,16 @@ def measure(model: str, mode: str, prompt_tokens: int, tokens: int) -> Result:
     gc.collect()
 
     llm = LLM(model, weights=mode)  # the KV cache grows with the requests
-    ids = long_ids(llm.tokenizer, prompt_tokens + BATCH * DECODE_PROMPT)
+    ids = long_ids(llm.tokenizer, 3 * prompt_tokens + BATCH * DECODE_PROMPT)
 
     def greedy(n: int) -> SamplingParams:
         return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
     first, many = greedy(1), greedy(tokens)
-    llm.generate_ids([ids[:64]] * 2, greedy(4))  # warm-up: kernels, allocator
-    prefill_s = min(timed(llm.generate_ids, [ids[:prompt_tokens]], first)[0] for _ in range(2))
+    llm.generate_ids([ids[-64:]] * 2, greedy(4))  # warm-up: kernels, allocator
+    # a different prompt each time: a repeated one would come from the prefix cache
+    spans = [ids[k * prompt_tokens : (k + 1) * prompt_tokens] for k in (1, 2)]
+    prefill_s = min(timed(llm.generate_ids, [span], first)[0] for span in spans)
 
     def decode_tps(prompts: list[list[int]]) -> float:
         t1, _ = timed(llm.generate_ids, prompts, first)
