@@ -19,6 +19,8 @@ class SamplingParams:
     max_tokens: int | None = None  # None = until an end token or the context limit
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    shift: bool = False  # at the context limit, drop old tokens and go on instead of stopping
+    num_keep: int = 0  # tokens at the start that a shift never drops
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -32,6 +34,7 @@ class SamplingParams:
             (self.repeat_last_n >= -1, "repeat_last_n must be >= -1"),
             (self.max_tokens is None or self.max_tokens >= 0, "max_tokens must be >= 0"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
+            (self.num_keep >= 0, "num_keep must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -260,11 +260,15 @@ def test_tools_on_a_model_without_tool_template(http: httpx.Client) -> None:
     assert error_of(r, 400) == "model 'smollm2' does not support tools"
 
 
-def test_suffix_and_shift(http: httpx.Client) -> None:
+def test_suffix_is_refused_and_shift_runs_past_the_context(http: httpx.Client) -> None:
     r = http.post("/api/generate", json={"model": MODEL, "prompt": "hi", "suffix": "x"})
     assert "suffix" in error_of(r, 400)
-    r = http.post("/api/generate", json={"model": MODEL, "prompt": "hi", "shift": True})
-    assert "shift" in error_of(r, 400)
+    options = {"num_ctx": 64, "num_predict": 80, "temperature": 0, "num_keep": 4}
+    body = {"model": MODEL, "prompt": "Count: 1, 2, 3,", "stream": False, "options": options}
+    stopped = http.post("/api/generate", json=body).json()
+    assert stopped["done_reason"] == "length" and stopped["eval_count"] < 64
+    shifted = http.post("/api/generate", json={**body, "shift": True}).json()
+    assert shifted["done_reason"] == "length" and shifted["eval_count"] == 80
 
 
 def test_prompt_over_the_limit_without_truncation(http: httpx.Client) -> None:

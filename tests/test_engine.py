@@ -237,3 +237,16 @@ def test_max_running_caps_concurrency(tiny_dir: Path) -> None:
         eng.step()
         most = max(most, len(eng.scheduler.running))
     assert most == 2
+
+
+def test_shift_keeps_generating_past_the_context_limit(tiny_dir: Path) -> None:
+    model = tiny(tiny_dir, "llama")
+    eng = engine(model, 4096)
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, num_keep=4)
+    capped = eng.submit(list(range(20)), params, num_ctx=40).result()
+    assert capped.finish_reason == "length" and len(capped.token_ids) == 20  # hit num_ctx
+    params.shift = True
+    shifted = eng.submit(list(range(20)), params, num_ctx=40).result()
+    assert shifted.finish_reason == "length" and len(shifted.token_ids) == 60  # hit max_tokens
+    assert shifted.token_ids[:20] == capped.token_ids  # the same until the first shift
+    assert eng.kv_stats()["used_tokens"] == 0

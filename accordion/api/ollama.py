@@ -86,8 +86,6 @@ def check_unsupported(body: _Body, images: list[str] | None) -> None:
         raise InvalidRequestError(
             "format (JSON mode / schemas) is not supported yet: constrained decoding is not built"
         )
-    if body.shift:
-        raise InvalidRequestError("shift is not supported: generation stops at the context limit")
 
 
 def stats(out: RequestOutput, load_s: float, start: float) -> dict[str, Any]:
@@ -175,6 +173,7 @@ async def generate(body: GenerateBody, request: Request) -> Any:
     prepared = service.prepare_generate(
         loaded, body.prompt, body.options, body.system, body.raw, body.truncate, request_id.get()
     )
+    prepared.options.params.shift = body.shift
     return await respond(
         request, body, loaded, load_s, prepared, lambda text: {"response": text}, start
     )
@@ -198,6 +197,7 @@ async def chat(body: ChatBody, request: Request) -> Any:
     prepared = service.prepare_chat(
         loaded, messages, body.options, body.truncate, body.tools, request_id.get()
     )
+    prepared.options.params.shift = body.shift
     return await respond(
         request,
         body,

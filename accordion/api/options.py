@@ -113,4 +113,5 @@ def to_request_options(options: dict[str, Any]) -> RequestOptions:
         )
     except ValueError as e:
         raise InvalidRequestError(str(e)) from None
-    return RequestOptions(params, num_ctx, max(0, options.get("num_keep", 0)), options)
+    params.num_keep = max(0, options.get("num_keep", 0))
+    return RequestOptions(params, num_ctx, params.num_keep, options)

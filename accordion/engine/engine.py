@@ -190,14 +190,26 @@ class Engine:
         if token in self.model.tokenizer.eog_ids and not p.ignore_eos:
             return self._end(seq, "stop", "")
         seq.token_ids.append(token)
+        seq.generated.append(token)
         text, hit = self._stops[seq.id].feed(self._detok[seq.id].add(token))
         seq.text += text
         if hit:
             return self._end(seq, "stop", text, token, flush=False)
-        n_out = len(seq.token_ids) - len(seq.prompt_ids)
-        if (p.max_tokens is not None and n_out >= p.max_tokens) or len(seq.token_ids) >= seq.limit:
+        if p.max_tokens is not None and len(seq.generated) >= p.max_tokens:
             return self._end(seq, "length", text, token)
+        if len(seq.token_ids) >= seq.limit:
+            if not p.shift:
+                return self._end(seq, "length", text, token)
+            self._shift(seq)
         return Event(seq, text, token, False)
+
+    def _shift(self, seq: Sequence) -> None:
+        """Context full: keep num_keep tokens and the newer half of the rest, recompute."""
+        keep = min(seq.params.num_keep, seq.limit // 2)
+        drop = (len(seq.token_ids) - keep) // 2
+        seq.token_ids = seq.token_ids[:keep] + seq.token_ids[keep + drop :]
+        seq.shifts += 1
+        self.scheduler.requeue(seq)  # its cache no longer matches: prefill the kept tokens
 
     def _end(
         self, seq: Sequence, reason: str, text: str, token: int | None = None, flush: bool = True

@@ -60,7 +60,7 @@ class Scheduler:
                 if self.kv.coming_soon(seq.id) and (self.running or work):
                     self._close(seq)  # another sequence is computing our prefix: share it
                     break
-                if seq.preemptions == 0:
+                if seq.preemptions == 0 and seq.shifts == 0:  # the first admission
                     seq.cached_tokens = min(hit, len(seq.prompt_ids))
             n = min(seq.num_uncomputed, budget)
             if not self.kv.try_reserve(seq.id, seq.num_computed, seq.num_computed + n):
@@ -91,10 +91,14 @@ class Scheduler:
         return True
 
     def preempt(self, seq: Sequence) -> None:
+        self.requeue(seq)
+        seq.preemptions += 1
+
+    def requeue(self, seq: Sequence) -> None:
+        """Give back its blocks and wait at the front to be recomputed."""
         self.running.remove(seq)
         self._close(seq)
         seq.status = Status.WAITING
-        seq.preemptions += 1
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:

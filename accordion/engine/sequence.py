@@ -27,7 +27,8 @@ class Sequence:
     limit: int  # context limit: prompt + output never exceed it
     generator: torch.Generator
     id: int = field(default_factory=lambda: next(_ids))
-    token_ids: list[int] = field(default_factory=list)  # prompt, then output
+    token_ids: list[int] = field(default_factory=list)  # what the model sees: prompt, output
+    generated: list[int] = field(default_factory=list)  # every output token, shifts or not
     num_computed: int = 0  # leading tokens whose K/V are in the cache
     opened: bool = False  # holds blocks in the KV cache
     status: Status = Status.WAITING
@@ -39,6 +40,7 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache on admission
     evaluated_tokens: int = 0  # tokens run through the model (recomputation included)
     preemptions: int = 0
+    shifts: int = 0
     arrival: float = field(default_factory=time.perf_counter)
     first_scheduled: float | None = None
     first_token: float | None = None
@@ -50,7 +52,7 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_ids) :]
+        return self.generated
 
     @property
     def num_uncomputed(self) -> int:
