@@ -264,7 +264,13 @@ def test_suffix_is_refused_and_shift_runs_past_the_context(http: httpx.Client) -
     r = http.post("/api/generate", json={"model": MODEL, "prompt": "hi", "suffix": "x"})
     assert "suffix" in error_of(r, 400)
     options = {"num_ctx": 64, "num_predict": 80, "temperature": 0, "num_keep": 4}
-    body = {"model": MODEL, "prompt": "Count: 1, 2, 3,", "stream": False, "options": options}
+    body = {
+        "model": MODEL,
+        "prompt": "1, 2, 3, 4, 5, 6, 7, 8,",
+        "raw": True,
+        "stream": False,
+        "options": options,
+    }
     stopped = http.post("/api/generate", json=body).json()
     assert stopped["done_reason"] == "length" and stopped["eval_count"] < 64
     shifted = http.post("/api/generate", json={**body, "shift": True}).json()
