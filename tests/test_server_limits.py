@@ -1,0 +1,64 @@
+"""The manager under concurrency: one load for many callers, a bounded queue."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from live_server import LiveServer
+
+
+def generate(url: str, n: int = 4) -> httpx.Response:
+    body = {
+        "model": "smollm2",
+        "prompt": "Hello",
+        "stream": False,
+        "options": {"temperature": 0, "num_predict": n},
+    }
+    return httpx.post(url + "/api/generate", json=body, timeout=120)
+
+
+def test_concurrent_first_requests_load_the_model_once(tmp_path: Path) -> None:
+    server = LiveServer(tmp_path)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda _: generate(server.url), range(4)))
+        assert [r.status_code for r in replies] == [200] * 4
+        models = httpx.get(server.url + "/api/ps", timeout=10).json()["models"]
+        assert len(models) == 1
+        assert Path(server.log).read_text().count("loaded model=smollm2:latest") == 1
+    finally:
+        server.stop()
+
+
+def test_a_full_queue_answers_503(tmp_path: Path) -> None:
+    server = LiveServer(tmp_path, env={"ACCORDION_MAX_QUEUE": "1"})
+    try:
+        assert generate(server.url).status_code == 200  # loaded, idle
+        with ThreadPoolExecutor(2) as pool:
+            long = pool.submit(generate, server.url, 200)
+            statuses = []
+            for _ in range(50):  # while the long request runs, the next one is refused
+                r = generate(server.url)
+                statuses.append(r.status_code)
+                if r.status_code == 503:
+                    assert "busy" in r.json()["error"]
+                    break
+            assert long.result().status_code == 200
+        assert 503 in statuses
+        assert generate(server.url).status_code == 200  # and it serves again afterwards
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_keep_alive_env_is_read(tmp_path: Path, value: str) -> None:
+    server = LiveServer(tmp_path, env={"ACCORDION_KEEP_ALIVE": value})
+    try:
+        assert generate(server.url).status_code == 200
+        models = httpx.get(server.url + "/api/ps", timeout=10).json()["models"]
+        assert (len(models) == 0) == (value == "0")
+    finally:
+        server.stop()
