@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from live_server import LiveServer
 from tiny_gguf import Q, TinySpec, write_tiny
 
 from accordion.models.attention import AttentionBatch, SeqSlice
@@ -74,6 +76,14 @@ def paged_logits(
             out.append(decoder(batch, kv))
             done = end
     return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A real accordion server (subprocess, free 127.0.0.1 port) shared by a test module."""
+    live = LiveServer(tmp_path_factory.mktemp("models"))
+    yield live
+    live.stop()
 
 
 def contiguous_logits(decoder: Decoder, cfg: ModelConfig, ids: list[int]) -> torch.Tensor:

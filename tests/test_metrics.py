@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from live_server import LiveServer
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    s = LiveServer(tmp_path_factory.mktemp("models"))
-    yield s
-    s.stop()
 
 
 def test_metrics_count_requests_tokens_and_kv(server: LiveServer) -> None:

@@ -24,13 +24,6 @@ FAST = {"temperature": 0, "num_predict": 8}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    live = LiveServer(tmp_path_factory.mktemp("models"))
-    yield live
-    live.stop()
-
-
-@pytest.fixture(scope="module")
 def client(server: LiveServer) -> ollama.Client:
     return ollama.Client(host=server.url, timeout=120)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import httpx
 import openai
@@ -15,13 +14,6 @@ pytestmark = pytest.mark.slow
 
 MODEL = "smollm2"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    live = LiveServer(tmp_path_factory.mktemp("models"))
-    yield live
-    live.stop()
 
 
 @pytest.fixture(scope="module")
