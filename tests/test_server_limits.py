@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,17 +38,17 @@ def test_a_full_queue_answers_503(tmp_path: Path) -> None:
     server = LiveServer(tmp_path, env={"ACCORDION_MAX_QUEUE": "1"})
     try:
         assert generate(server.url).status_code == 200  # loaded, idle
-        with ThreadPoolExecutor(2) as pool:
-            long = pool.submit(generate, server.url, 200)
-            statuses = []
-            for _ in range(50):  # while the long request runs, the next one is refused
-                r = generate(server.url)
-                statuses.append(r.status_code)
-                if r.status_code == 503:
-                    assert "busy" in r.json()["error"]
+        with ThreadPoolExecutor(1) as pool:
+            long = pool.submit(generate, server.url, 300)
+            for _ in range(200):  # wait until the long request holds the only queue slot
+                models = httpx.get(server.url + "/api/ps", timeout=10).json()["models"]
+                if models and models[0]["active"] == 1:
                     break
+                time.sleep(0.02)
+            refused = generate(server.url)
+            assert refused.status_code == 503
+            assert "busy" in refused.json()["error"]
             assert long.result().status_code == 200
-        assert 503 in statuses
         assert generate(server.url).status_code == 200  # and it serves again afterwards
     finally:
         server.stop()
