@@ -28,6 +28,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/bench_foundation.py
+	$(BIN)/python bench/bench_engine.py
 
 lint: setup
 	$(BIN)/ruff check accordion tests bench
