@@ -9,7 +9,6 @@ trained length. A prompt that does not fit is either refused (truncate=false:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -19,7 +18,7 @@ from typing import Any
 from accordion.api.app import request_id
 from accordion.api.options import RequestOptions, merge, to_request_options
 from accordion.engine.request import Event, RequestHandle, RequestOutput, output_of
-from accordion.errors import InvalidRequestError
+from accordion.errors import InvalidRequestError, ModelNotFoundError
 from accordion.loader.chat_template import normalize_messages
 from accordion.models.embed import embed
 from accordion.server.manager import Loaded, ModelManager
@@ -133,6 +132,8 @@ async def run(
     manager.begin(loaded)
     handle: RequestHandle | None = None
     try:
+        if manager.loaded.get(loaded.name) is not loaded:  # unloaded since we got it
+            raise ModelNotFoundError(f"model '{loaded.name}' was unloaded; retry the request")
         handle = loaded.engine.submit(prepared.ids, prepared.options.params, prepared.limit)
         manager.wake()
         async for event in handle:
@@ -197,7 +198,7 @@ async def embed_texts(
                     )
                 ids = ids[:limit]
             count += len(ids)
-            vectors.append(await asyncio.to_thread(embed, loaded.model.decoder, ids))
+            vectors.append(await manager.on_main(embed, loaded.model.decoder, ids))
     finally:
         manager.end(loaded)
     return vectors, count

@@ -1,9 +1,12 @@
 """Loaded models: load on first use, keep for keep_alive, evict, drive their engines.
 
 One engine per loaded model. `num_ctx` is a per-request limit, never a reason
-to reload. The engines are stepped by `drive` on the process's main thread
-(torch's CPU kernels are slow from other threads); HTTP handlers run on
-uvicorn's thread and only submit requests and await their events.
+to reload. All torch work runs in `drive` on the process's main thread: engine
+steps, and loads and embeddings handed over with `on_main`. HTTP handlers run
+on uvicorn's thread and only submit requests and await results. (torch's CPU
+OpenMP kernels are 2-4x slower from other threads, and once any other thread
+has run one, libgomp throttles its spinning for the whole process: a model
+loaded on a worker thread halved decode speed, 60 -> 33 tok/s.)
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import itertools
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -83,6 +87,8 @@ class ModelManager:
         # called with (model name, RequestOutput) when a request ends: metrics, logs
         self.observers: list[Callable[[str, Any], None]] = []
         self._loading: dict[str, asyncio.Future[Loaded]] = {}
+        self._calls: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self.draining: list[Engine] = []  # unloaded while busy: stepped until their requests end
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -103,7 +109,7 @@ class ModelManager:
             self._loading[name] = pending
             start = time.perf_counter()
             try:
-                entry = await asyncio.to_thread(self._load, model_entry, keep_alive)
+                entry = await self.on_main(self._load, model_entry, keep_alive)
                 pending.set_result(entry)
             except BaseException as e:  # a cancelled or failed load leaves nothing behind
                 pending.set_exception(e)
@@ -158,8 +164,12 @@ class ModelManager:
             entry = self.loaded.pop(name, None)
         if entry is None:
             return False
-        for seq in list(entry.engine.scheduler.running) + list(entry.engine.scheduler.waiting):
+        busy = list(entry.engine.scheduler.running) + list(entry.engine.scheduler.waiting)
+        for seq in busy:
             entry.engine.cancel(seq)
+        if busy or entry.engine.has_work():
+            self.draining.append(entry.engine)  # its requests still get their final event
+        self._wake.set()
         log.info("unloaded model=%s engine=%d", name, entry.engine_id)
         return True
 
@@ -184,9 +194,30 @@ class ModelManager:
         self._wake.set()
 
     # -- the main-thread loop ----------------------------------------------------------
+    async def on_main(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` on the driving (main) thread between steps; await its result."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._calls.put((fn, args, loop, future))
+        self._wake.set()
+        return await future
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, args, loop, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result, error = fn(*args), None
+            except Exception as e:  # handed to the awaiting request, which reports it
+                result, error = None, e
+            loop.call_soon_threadsafe(_settle, future, result, error)
+
     def drive(self) -> None:
         """Step every engine with work; expire and shrink idle ones; until `stop`."""
         while not self._stopping:
+            self._run_calls()
             busy = False
             for entry in list(self.loaded.values()):
                 engine = entry.engine
@@ -197,7 +228,13 @@ class ModelManager:
                     except Exception as e:
                         log.exception("engine step failed model=%s", entry.name)
                         engine._fail_all(e)
-            if not busy:
+            for engine in list(self.draining):
+                if engine.has_work():
+                    busy = True
+                    engine.step()
+                else:
+                    self.draining.remove(engine)
+            if not busy and self._calls.empty():
                 self._housekeeping()
                 self._wake.wait(timeout=0.25)
                 self._wake.clear()
@@ -205,7 +242,8 @@ class ModelManager:
     def _housekeeping(self) -> None:
         now_wall, now = time.time(), time.monotonic()
         for entry in list(self.loaded.values()):
-            if entry.active == 0 and entry.expires_at <= now_wall:
+            # keep_alive 0 unloads in `end`, after a request: not between load and request
+            if entry.active == 0 and entry.keep_alive != 0 and entry.expires_at <= now_wall:
                 self.unload(entry.name)
             elif entry.idle_since is not None and now - entry.idle_since > 2.0:
                 entry.engine.kv.shrink()
@@ -214,3 +252,12 @@ class ModelManager:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+
+
+def _settle(future: asyncio.Future, result: Any, error: Exception | None) -> None:
+    if future.cancelled():
+        return  # the caller went away; a load still counts as loaded
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
