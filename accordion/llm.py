@@ -40,11 +40,7 @@ class LLM:
 
     # -- prompts -------------------------------------------------------------------
     def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
-        text = self.model.template.render(messages, add_generation_prompt=add_generation_prompt)
-        bos = self.tokenizer.bos_token
-        # a template that writes BOS itself must not get a second one
-        add_bos = None if not bos or not text.startswith(bos) else False
-        return self.tokenizer.encode(text, add_bos=add_bos)
+        return self.model.encode_chat(messages, add_generation_prompt=add_generation_prompt)
 
     def submit(
         self,

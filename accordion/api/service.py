@@ -55,11 +55,7 @@ def _too_long(n: int, limit: int) -> InvalidRequestError:
 
 
 def encode_chat(loaded: Loaded, messages: list[dict], tools: list | None = None) -> list[int]:
-    model = loaded.model
-    text = model.template.render(messages, add_generation_prompt=True, tools=tools)
-    bos = model.tokenizer.bos_token
-    add_bos = False if bos and text.startswith(bos) else None  # the template wrote BOS
-    return model.tokenizer.encode(text, add_bos=add_bos)
+    return loaded.model.encode_chat(messages, tools)
 
 
 def prepare_chat(

@@ -52,6 +52,16 @@ def tag_of(entry: ModelEntry) -> dict[str, Any]:
     }
 
 
+def progress(steps: list[dict[str, Any]]) -> StreamingResponse:
+    """Ollama's NDJSON status stream for create and pull."""
+
+    async def lines() -> AsyncIterator[bytes]:
+        for step in steps:
+            yield (json.dumps(step) + "\n").encode()
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
 @router.get("/api/tags")
 async def tags(request: Request) -> dict[str, Any]:
     return {"models": [tag_of(e) for e in store_of(request).list()]}
@@ -186,11 +196,7 @@ async def create(request: Request) -> Any:
     if not body.stream:
         return JSONResponse(steps[-1])
 
-    async def lines() -> AsyncIterator[bytes]:
-        for step in steps:
-            yield (json.dumps(step) + "\n").encode()
-
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    return progress(steps)
 
 
 class CopyBody(BaseModel):
@@ -237,8 +243,4 @@ async def pull(body: NameBody, request: Request) -> Any:
     if stream is False:
         return JSONResponse(steps[-1])
 
-    async def lines() -> AsyncIterator[bytes]:
-        for step in steps:
-            yield (json.dumps(step) + "\n").encode()
-
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    return progress(steps)

@@ -27,6 +27,17 @@ class LoadedModel:
     weights: str
     load_seconds: float
 
+    def encode_chat(
+        self, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Render the chat template and tokenize; a template that writes BOS gets no second one."""
+        text = self.template.render(
+            messages, add_generation_prompt=add_generation_prompt, tools=tools
+        )
+        bos = self.tokenizer.bos_token
+        add_bos = False if bos and text.startswith(bos) else None
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
 
 def load_model(name: str, weights: str = "auto") -> LoadedModel:
     """Resolve a model name or path and load it; errors name the problem (AccordionError)."""

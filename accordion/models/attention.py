@@ -127,7 +127,7 @@ def write_kv(
     v_cache.view(-1, n_kv, d).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
-def _keys(cache: torch.Tensor, s: SeqSlice, lo: int, hi: int, block_size: int) -> torch.Tensor:
+def _keys(cache: torch.Tensor, s: SeqSlice, lo: int, hi: int) -> torch.Tensor:
     """[hi - lo, kv_heads, head_dim] keys or values of positions [lo, hi) of `s`."""
     first = s.block_run()
     if first is not None:
@@ -170,8 +170,8 @@ def attend(
         if i in done:
             continue
         lo, hi = batch.key_range(s, window)
-        keys = _keys(k_cache, s, lo, hi, batch.block_size).transpose(0, 1).unsqueeze(0)
-        values = _keys(v_cache, s, lo, hi, batch.block_size).transpose(0, 1).unsqueeze(0)
+        keys = _keys(k_cache, s, lo, hi).transpose(0, 1).unsqueeze(0)
+        values = _keys(v_cache, s, lo, hi).transpose(0, 1).unsqueeze(0)
         qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(
             qs, keys, values, attn_mask=batch.mask(i, window), scale=scale, enable_gqa=True
