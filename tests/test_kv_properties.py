@@ -149,7 +149,7 @@ def slot_index(kv: KVCache, sid: int, gi: int, positions: range) -> tuple[torch.
 
 def write_kv(kv: KVCache, sid: int, tokens: list[int], start: int, end: int) -> None:
     """What a forward step does to the cache: store K/V of positions [start, end)."""
-    h = torch.tensor(prefix_values(tokens)[start:end], dtype=torch.long)
+    h, bs = torch.tensor(prefix_values(tokens)[start:end], dtype=torch.long), kv.block_size
     for gi, g in enumerate(kv.groups):
         blocks, offs = slot_index(kv, sid, gi, range(start, end))
         for b in blocks.unique().tolist():
@@ -157,12 +157,12 @@ def write_kv(kv: KVCache, sid: int, tokens: list[int], start: int, end: int) -> 
             assert g.pool.ref[b] == 1 and b not in g.pool.key_of, (gi, b)
         for j in range(len(g.layers)):
             for kind, planes in enumerate((g.arena.k, g.arena.v)):
-                planes[j][blocks, offs] = slot_value(h, j, kind).view(-1, 1, 1)
+                planes[j][:, blocks * bs + offs] = slot_value(h, j, kind).view(1, -1, 1)
 
 
 def check_kv(kv: KVCache, sid: int, tokens: list[int], computed: int) -> None:
     """Every held position below `computed` reads back the value of its own prefix."""
-    values = prefix_values(tokens)
+    values, bs = prefix_values(tokens), kv.block_size
     for gi, g in enumerate(kv.groups):
         _, first_pos = kv.slices(sid)[gi]
         positions = range(first_pos, computed)
@@ -172,10 +172,10 @@ def check_kv(kv: KVCache, sid: int, tokens: list[int], computed: int) -> None:
         h = torch.tensor(values[first_pos:computed], dtype=torch.long)
         for j in range(len(g.layers)):
             for kind, planes in enumerate((g.arena.k, g.arena.v)):
-                got = planes[j][blocks, offs]  # [n, kv_heads, head_dim]
-                want = slot_value(h, j, kind).view(-1, 1, 1).expand_as(got)
+                got = planes[j][:, blocks * bs + offs]  # [kv_heads, n, head_dim]
+                want = slot_value(h, j, kind).view(1, -1, 1).expand_as(got)
                 if not torch.equal(got, want):
-                    bad = (got != want).flatten(1).any(1).nonzero().flatten().tolist()
+                    bad = (got != want).any(2).any(0).nonzero().flatten().tolist()
                     pos = [positions[i] for i in bad]
                     raise AssertionError(f"seq {sid} group {gi} layer {j} kind {kind}: {pos}")
 

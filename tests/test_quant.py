@@ -12,7 +12,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 from accordion.models import linear
 from accordion.models.build import unpermute_order
 from accordion.models.linear import INT4_MAX_ROWS, Linear, Matrix, stack_rows
-from accordion.models.quant import int4_groups
+from accordion.models.quant import int4_terms
 
 Q = GGMLQuantizationType
 ROWS = (1, 3, 8, 64)  # the int4 kernel for few rows, the dense GEMM for many
@@ -29,10 +29,10 @@ def quantized(rows: int, cols: int, qtype: Q, seed: int = 0) -> tuple[np.ndarray
 
 
 def as_matrix(raw: np.ndarray, qtype: Q, rows: int, cols: int) -> Matrix:
-    """What the model builder does: int4 groups when the type allows, else dense floats."""
-    groups = int4_groups(raw, qtype, (rows, cols))
-    if groups is not None:
-        return Matrix(rows, cols, int4=groups)
+    """What the model builder does: int4 terms when the type allows, else dense floats."""
+    terms = int4_terms(raw, qtype, (rows, cols))
+    if terms is not None:
+        return Matrix(rows, cols, int4=terms)
     return Matrix(rows, cols, dense=quants.dequantize(raw, qtype).reshape(rows, cols))
 
 
@@ -48,22 +48,34 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double() - ref).abs().max() / ref.abs().max())
 
 
-# -- int4_groups ----------------------------------------------------------------
+# -- int4_terms ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+@pytest.mark.parametrize(("qtype", "n_terms"), [(Q.Q4_0, 1), (Q.Q4_1, 1), (Q.Q8_0, 2)])
 @pytest.mark.parametrize("shape", [(16, 32), (48, 256), (7, 96)])
-def test_int4_groups_match_gguf_dequantize(qtype: Q, shape: tuple[int, int]) -> None:
+def test_int4_terms_match_gguf_dequantize(qtype: Q, n_terms: int, shape: tuple[int, int]) -> None:
     raw, ref = quantized(*shape, qtype)
-    g = int4_groups(raw, qtype, shape)
-    assert g is not None
-    assert g.q.shape == shape and g.q.dtype == np.uint8 and g.q.max() <= 15
-    assert g.scale.shape == g.zero.shape == (shape[0], shape[1] // 32)
-    np.testing.assert_array_equal(Matrix(*shape, int4=g).to_dense(), ref)
+    terms = int4_terms(raw, qtype, shape)
+    assert terms is not None and len(terms) == n_terms
+    for g in terms:
+        assert g.q.shape == shape and g.q.dtype == np.uint8 and g.q.max() <= 15
+        assert g.scale.shape == g.zero.shape == (shape[0], shape[1] // 32)
+    np.testing.assert_array_equal(Matrix(*shape, int4=terms).to_dense(), ref)
+
+
+def test_q8_0_terms_cover_the_whole_int8_range() -> None:
+    """Every int8 value, including -128 and 127, splits exactly into its two nibbles."""
+    q = np.arange(-128, 128, dtype=np.int8).reshape(8, 32)
+    blocks = np.zeros((8, 1, 34), np.uint8)
+    blocks[..., 0:2] = np.array([0.5], np.float16).view(np.uint8)
+    blocks[..., 2:] = q.view(np.uint8)[:, None, :]
+    terms = int4_terms(blocks.reshape(8, 34), Q.Q8_0, (8, 32))
+    assert terms is not None
+    np.testing.assert_array_equal(Matrix(8, 32, int4=terms).to_dense(), q * np.float32(0.5))
 
 
 @pytest.mark.slow
-def test_int4_groups_match_gguf_dequantize_q4_k() -> None:
+def test_int4_terms_match_gguf_dequantize_q4_k() -> None:
     from accordion.loader.bundled import resolve_model_path
     from accordion.loader.gguf_file import open_gguf
 
@@ -72,9 +84,9 @@ def test_int4_groups_match_gguf_dequantize_q4_k() -> None:
     assert info.ggml_type == Q.Q4_K
     raw = gf.tensor_bytes(info.name)
     ref = quants.dequantize(np.asarray(raw), Q.Q4_K).reshape(info.shape)
-    g = int4_groups(raw, info.ggml_type, info.shape)
-    assert g is not None
-    m = Matrix(*info.shape, int4=g)
+    terms = int4_terms(raw, info.ggml_type, info.shape)
+    assert terms is not None and len(terms) == 1
+    m = Matrix(*info.shape, int4=terms)
     np.testing.assert_array_equal(m.to_dense(), ref)
     # and the int4 kernel on it, with scale and zero rounded to bf16
     x = torch.randn(2, info.shape[1], generator=torch.Generator().manual_seed(0))
@@ -83,17 +95,17 @@ def test_int4_groups_match_gguf_dequantize_q4_k() -> None:
     assert rel_err(y, x.double() @ torch.from_numpy(ref).double().T) < TOL["int4"]
 
 
-@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K])
-def test_int4_groups_is_none_for_other_types(qtype: Q) -> None:
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K])
+def test_int4_terms_is_none_for_other_types(qtype: Q) -> None:
     rows, cols = 4, 256  # one K-quant super-block per row
     block_elems, block_bytes = GGML_QUANT_SIZES[Q(qtype)]
     raw = np.zeros((rows, cols // block_elems * block_bytes), np.uint8)
-    assert int4_groups(raw, qtype, (rows, cols)) is None
+    assert int4_terms(raw, qtype, (rows, cols)) is None
 
 
-def test_int4_groups_is_none_for_non_matrices() -> None:
+def test_int4_terms_is_none_for_non_matrices() -> None:
     raw, _ = quantized(4, 64, Q.Q4_0)
-    assert int4_groups(raw, Q.Q4_0, (2, 2, 64)) is None
+    assert int4_terms(raw, Q.Q4_0, (2, 2, 64)) is None
 
 
 # -- Linear ---------------------------------------------------------------------
@@ -112,14 +124,14 @@ def dense_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def expects_dense(mode: str, holds_int4: bool, rows: int) -> bool:
-    if mode in ("bf16", "fp32") or not holds_int4:
+def expects_dense(mode: str, n_terms: int, rows: int) -> bool:
+    if mode in ("bf16", "fp32") or not n_terms:
         return True
-    return mode == "auto" and rows > INT4_MAX_ROWS
+    return mode == "auto" and rows > INT4_MAX_ROWS[n_terms]
 
 
 @pytest.mark.parametrize("mode", ["auto", "int4", "bf16", "fp32"])
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_matches_dequantized_product(
     mode: str, qtype: Q, with_bias: bool, dense_calls: list[int]
@@ -138,14 +150,15 @@ def test_linear_matches_dequantized_product(
             ref += torch.from_numpy(bias).double()
         assert y.shape == (rows, n) and y.dtype == act_dtype(mode)
         assert rel_err(y, ref) < TOL[mode], (rows, rel_err(y, ref))
-        assert bool(dense_calls) == expects_dense(mode, qtype != Q.Q8_0, rows), rows
+        n_terms = {Q.Q8_0: 2, Q.Q5_0: 0}.get(qtype, 1)
+        assert bool(dense_calls) == expects_dense(mode, n_terms, rows), rows
 
 
 @pytest.mark.parametrize("mode", ["auto", "int4"])
 def test_linear_int4_with_rows_not_a_multiple_of_16_falls_back_to_dense(mode: str) -> None:
     raw, w = quantized(40, 64, Q.Q4_0)  # torch packs int4 in tiles of 16 output rows
     lin = Linear(as_matrix(raw, Q.Q4_0, 40, 64), mode)  # e.g. an lm_head over 32002 tokens
-    assert lin.int4 is None and lin.dense is not None
+    assert not lin.int4 and lin.dense is not None
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     assert rel_err(lin(x), x.double() @ torch.from_numpy(w).double().T) < TOL[mode]
 
@@ -163,26 +176,27 @@ def test_linear_keeps_leading_dims(mode: str) -> None:
 
 def test_linear_representation_per_mode() -> None:
     n, k = 64, 128
-    q4, q8 = qmatrix(n, k, Q.Q4_0), qmatrix(n, k, Q.Q8_0)
+    q4, q8, q5 = qmatrix(n, k, Q.Q4_0), qmatrix(n, k, Q.Q8_0), qmatrix(n, k, Q.Q5_0)
 
     auto = Linear(q4, "auto")  # int4 for decode, a bf16 copy for prefill
-    assert auto.int4 is not None
+    assert len(auto.int4) == 1
     assert auto.dense is not None and auto.dense.dtype == torch.bfloat16
 
     int4 = Linear(q4, "int4")
-    assert int4.int4 is not None and int4.dense is None
+    assert len(int4.int4) == 1 and int4.dense is None
+    assert len(Linear(q8, "int4").int4) == 2  # high and low nibbles
 
-    for mode in ("auto", "int4"):  # Q8_0 has no exact int4 form: it stays dense bf16
-        lin = Linear(q8, mode)
-        assert lin.int4 is None
+    for mode in ("auto", "int4"):  # Q5_0 has no exact int4 form: it stays dense bf16
+        lin = Linear(q5, mode)
+        assert not lin.int4
         assert lin.dense is not None and lin.dense.dtype == torch.bfloat16
 
-    for m in (q4, q8):
+    for m in (q4, q8, q5):
         bf16 = Linear(m, "bf16")
-        assert bf16.int4 is None
+        assert not bf16.int4
         assert bf16.dense is not None and bf16.dense.dtype == torch.bfloat16
         fp32 = Linear(m, "fp32")
-        assert fp32.int4 is None
+        assert not fp32.int4
         assert fp32.dense is not None and fp32.dense.dtype == torch.float32
         assert fp32.nbytes() == n * k * 4
 
@@ -211,7 +225,7 @@ def test_stack_rows_equals_separate_products(mode: str) -> None:
 
 def test_stack_rows_mixed_types_goes_dense() -> None:
     k = 64
-    a, b = qmatrix(32, k, Q.Q4_1), qmatrix(16, k, Q.Q8_0)
+    a, b = qmatrix(32, k, Q.Q4_1), qmatrix(16, k, Q.Q8_0)  # one int4 term and two
     fused = stack_rows([a, b])
     assert fused.int4 is None and fused.dense is not None
     np.testing.assert_array_equal(fused.dense, np.concatenate([a.to_dense(), b.to_dense()]))

@@ -85,7 +85,7 @@ class KVCache:
         cfg, bs = self.cfg, self.block_size
         probe = Arena(len(layers), 1, bs, cfg.n_kv_heads, cfg.head_dim, dtype)
         seg = max(1, seg_tokens // bs)
-        while (seg * probe.block_bytes) % PAGE:  # segments release whole pages
+        while (seg * probe.head_block_bytes) % PAGE:  # segments release whole pages
             seg += 1
         max_segments = max(1, self.budget_bytes // (seg * probe.bytes_per_block))
         arena = Arena(len(layers), max_segments * seg, bs, cfg.n_kv_heads, cfg.head_dim, dtype)

@@ -2,8 +2,10 @@
 
 Every step runs a flat batch of tokens from many sequences (decode tokens and
 prefill chunks mixed). K/V of the new tokens are written to their cache slots;
-then each sequence attends to its own blocks. On CPU we gather a sequence's
-blocks (or take a view when they are consecutive in the pool) and call
+then each sequence attends to its own blocks. A layer's cache is head-major,
+[kv_heads, slots, head_dim] with slot = block * block_size + offset. On CPU we
+take a view when a sequence's blocks are consecutive in the pool (the common
+case: the pool hands out the lowest free ids), else gather its slots, and call
 `scaled_dot_product_attention`; a CUDA backend would replace `attend` with a
 paged kernel reading the same block tables.
 """
@@ -25,13 +27,16 @@ class SeqSlice:
     ctx_len: int  # tokens it holds after this step (cached + new)
     blocks: list[int]  # block table (for a window group: only the blocks still held)
     start_pos: int = 0  # position of the first token of blocks[0]
-    _index: torch.Tensor | None = field(default=None, repr=False)
+    _slots: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _run: int | None = field(default=-1, repr=False)
 
-    def block_index(self) -> torch.Tensor:
-        if self._index is None:
-            self._index = torch.tensor(self.blocks, dtype=torch.long)
-        return self._index
+    def key_slots(self, lo: int, hi: int, block_size: int) -> torch.Tensor:
+        """Cache slots of positions [lo, hi), built once per step and shared by all layers."""
+        if lo not in self._slots:
+            blocks = torch.tensor(self.blocks, dtype=torch.long)
+            pos = torch.arange(lo, hi) - self.start_pos
+            self._slots[lo] = blocks[pos // block_size] * block_size + pos % block_size
+        return self._slots[lo]
 
     def block_run(self) -> int | None:
         """First block id if the table is one run of consecutive ids (a view suffices)."""
@@ -79,29 +84,31 @@ class AttentionBatch:
 
 @dataclass
 class DecodeGather:
-    """Decode sequences (one new token each) attended in one padded batch."""
+    """Decode sequences (one new token each) attended in one padded batch.
+
+    Only sequences whose blocks are not one consecutive run are gathered: the
+    others attend through views, which copies nothing (a per-sequence call costs
+    about as much as the gather at 300 keys and less beyond).
+    """
 
     members: list[int]  # indices into AttentionBatch.seqs
     rows: torch.Tensor  # long [B]: their rows in the flat batch
     slots: torch.Tensor  # long [B * L]: cache slot of each key, padded with slot 0
     mask: torch.Tensor  # bool [B, 1, 1, L]: real keys
+    width: int  # L
 
 
 def decode_gather(batch: AttentionBatch, window: int) -> DecodeGather | None:
     """Built once per step and window, shared by all layers; None for fewer than 2."""
     if window in batch._decode:
         return batch._decode[window]
-    members = [i for i, s in enumerate(batch.seqs) if s.q_len == 1]
+    members = [i for i, s in enumerate(batch.seqs) if s.q_len == 1 and s.block_run() is None]
     gather = None
     if len(members) >= 2:
-        bs = batch.block_size
         spans = []
         for i in members:
             s = batch.seqs[i]
-            lo, hi = batch.key_range(s, window)
-            blocks = torch.tensor(s.blocks, dtype=torch.long)
-            pos = torch.arange(lo, hi) - s.start_pos
-            spans.append(blocks[pos // bs] * bs + pos % bs)
+            spans.append(s.key_slots(*batch.key_range(s, window), batch.block_size))
         width = max(len(x) for x in spans)
         slots = torch.zeros(len(spans), width, dtype=torch.long)
         mask = torch.zeros(len(spans), 1, 1, width, dtype=torch.bool)
@@ -109,7 +116,7 @@ def decode_gather(batch: AttentionBatch, window: int) -> DecodeGather | None:
             slots[j, : len(x)] = x
             mask[j, ..., : len(x)] = True
         rows = torch.tensor([batch.seqs[i].q_start for i in members], dtype=torch.long)
-        gather = DecodeGather(members, rows, slots.view(-1), mask)
+        gather = DecodeGather(members, rows, slots.view(-1), mask, width)
     batch._decode[window] = gather
     return gather
 
@@ -122,20 +129,25 @@ def write_kv(
     slots: torch.Tensor,
 ) -> None:
     """Store the new tokens' K/V ([T, kv_heads, head_dim]) at their slots."""
-    n_kv, d = k.shape[-2:]
-    k_cache.view(-1, n_kv, d).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(-1, n_kv, d).index_copy_(0, slots, v.to(v_cache.dtype))
+    k_cache.index_copy_(1, slots, k.transpose(0, 1).to(k_cache.dtype))
+    v_cache.index_copy_(1, slots, v.transpose(0, 1).to(v_cache.dtype))
 
 
-def _keys(cache: torch.Tensor, s: SeqSlice, lo: int, hi: int) -> torch.Tensor:
-    """[hi - lo, kv_heads, head_dim] keys or values of positions [lo, hi) of `s`."""
+def _keys(cache: torch.Tensor, s: SeqSlice, lo: int, hi: int, block_size: int) -> torch.Tensor:
+    """[1, kv_heads, hi - lo, head_dim] keys or values of positions [lo, hi) of `s`."""
     first = s.block_run()
-    if first is not None:
-        flat = cache[first : first + len(s.blocks)]
-    else:
-        flat = cache.index_select(0, s.block_index())
-    flat = flat.view(-1, *cache.shape[2:])
-    return flat[lo - s.start_pos : hi - s.start_pos]
+    if first is not None:  # consecutive blocks: a view, nothing copied
+        start = first * block_size - s.start_pos
+        return cache[:, start + lo : start + hi].unsqueeze(0)
+    return gather_slots(cache, s.key_slots(lo, hi, block_size)).unsqueeze(0)
+
+
+def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache[:, slots] as a new [kv_heads, len(slots), head_dim] tensor."""
+    out = cache.new_empty(cache.shape[0], len(slots), cache.shape[2])
+    for h in range(cache.shape[0]):  # a head at a time: 2x faster than index_select on dim 1
+        torch.index_select(cache[h], 0, slots, out=out[h])
+    return out
 
 
 def attend(
@@ -147,19 +159,23 @@ def attend(
     window: int = 0,
 ) -> torch.Tensor:
     """q [T, heads, head_dim] -> [T, heads, head_dim] attending over each sequence's cache."""
+    if len(batch.seqs) == 1:  # one sequence: its output is the whole output, no copy
+        return _attend_one(q, k_cache, v_cache, batch, 0, scale, window).transpose(0, 1)
     out = torch.empty_like(q)
     done: set[int] = set()
     gather = decode_gather(batch, window)
     if gather is not None:  # every decode token in one call: one gather, one kernel
-        n_kv, d = k_cache.shape[-2:]
-        b = len(gather.members)
-        keys = k_cache.view(-1, n_kv, d).index_select(0, gather.slots).view(b, -1, n_kv, d)
-        values = v_cache.view(-1, n_kv, d).index_select(0, gather.slots).view(b, -1, n_kv, d)
+        n_kv, b, d = k_cache.shape[0], len(gather.members), k_cache.shape[-1]
+
+        def gathered(cache: torch.Tensor) -> torch.Tensor:  # [B, kv_heads, L, head_dim]
+            keys = gather_slots(cache, gather.slots)
+            return keys.view(n_kv, b, gather.width, d).transpose(0, 1)
+
         qs = q.index_select(0, gather.rows).unsqueeze(2)  # [B, heads, 1, d]
         o = F.scaled_dot_product_attention(
             qs,
-            keys.transpose(1, 2),
-            values.transpose(1, 2),
+            gathered(k_cache),
+            gathered(v_cache),
             attn_mask=gather.mask,
             scale=scale,
             enable_gqa=True,
@@ -167,14 +183,31 @@ def attend(
         out.index_copy_(0, gather.rows, o.squeeze(2))
         done.update(gather.members)
     for i, s in enumerate(batch.seqs):
-        if i in done:
-            continue
-        lo, hi = batch.key_range(s, window)
-        keys = _keys(k_cache, s, lo, hi).transpose(0, 1).unsqueeze(0)
-        values = _keys(v_cache, s, lo, hi).transpose(0, 1).unsqueeze(0)
-        qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(
-            qs, keys, values, attn_mask=batch.mask(i, window), scale=scale, enable_gqa=True
-        )
-        out[s.q_start : s.q_start + s.q_len] = o[0].transpose(0, 1)
+        if i not in done:
+            o = _attend_one(q, k_cache, v_cache, batch, i, scale, window)
+            out[s.q_start : s.q_start + s.q_len] = o.transpose(0, 1)
     return out
+
+
+def _attend_one(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    i: int,
+    scale: float,
+    window: int,
+) -> torch.Tensor:
+    """[heads, q_len, head_dim]: sequence i's new tokens attending over its keys."""
+    s, bs = batch.seqs[i], batch.block_size
+    lo, hi = batch.key_range(s, window)
+    qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)
+    o = F.scaled_dot_product_attention(
+        qs,
+        _keys(k_cache, s, lo, hi, bs),
+        _keys(v_cache, s, lo, hi, bs),
+        attn_mask=batch.mask(i, window),
+        scale=scale,
+        enable_gqa=True,
+    )
+    return o[0]

@@ -11,7 +11,7 @@ from accordion.models.config import ModelConfig
 from accordion.models.decoder import BlockWeights, Decoder
 from accordion.models.layers import Rope
 from accordion.models.linear import WEIGHT_MODES, Linear, Matrix, stack_rows
-from accordion.models.quant import dequantize, int4_groups, type_name
+from accordion.models.quant import dequantize, int4_terms, type_name
 
 
 def activation_dtype(mode: str) -> torch.dtype:
@@ -43,9 +43,9 @@ class _Tensors:
             raise UnsupportedModelError(f"{name}: expected a matrix, got shape {info.shape}")
         raw = self.gf.tensor_bytes(name)
         rows, cols = info.shape
-        groups = int4_groups(raw, info.ggml_type, info.shape)
-        if groups is not None:
-            return Matrix(rows, cols, int4=groups)
+        terms = int4_terms(raw, info.ggml_type, info.shape)
+        if terms is not None:
+            return Matrix(rows, cols, int4=terms)
         try:
             return Matrix(rows, cols, dense=dequantize(raw, info.ggml_type, info.shape))
         except (ValueError, KeyError) as e:

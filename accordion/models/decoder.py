@@ -78,23 +78,23 @@ class Block(torch.nn.Module):
     ) -> torch.Tensor:
         cfg, w, t = self.cfg, self.w, x.shape[0]
         # heads of Q, K and V side by side: [T, heads + 2 * kv_heads, head_dim]
-        heads = w.qkv(self.norm_in(x, w.attn_norm)).float().view(t, -1, cfg.head_dim)
+        heads = w.qkv(self.norm_in(x, w.attn_norm)).view(t, -1, cfg.head_dim)
         n_qk = cfg.n_heads + cfg.n_kv_heads
-        qk, v = heads[:, :n_qk], heads[:, n_qk:]
+        qk, v = heads[:, :n_qk].float(), heads[:, n_qk:]  # V goes to the cache as it is
         if self.qk_norm is not None:
             qk = F.rms_norm(qk, (cfg.head_dim,), None, cfg.norm_eps) * self.qk_norm
         qk = apply_rope(qk, *rope)  # one rotation serves Q and K
         q, k = qk[:, : cfg.n_heads], qk[:, cfg.n_heads :]
         write_kv(kv[0], kv[1], k, v, batch.slots)
         o = attend(q.to(kv[0].dtype), kv[0], kv[1], batch, cfg.attn_scale, self.window)
-        o = w.o(o.reshape(t, self.q_size).to(self.dtype)).float()
+        o = w.o(o.reshape(t, self.q_size).to(self.dtype))
         if w.post_attn_norm is not None:
-            o = self.norm(o, w.post_attn_norm)
-        x = x + o
+            o = self.norm(o.float(), w.post_attn_norm)
+        x = x + o  # float32 + bf16 is float32: the residual stream keeps its precision
         gate, up = w.gate_up(self.norm_in(x, w.ffn_norm)).float().chunk(2, dim=-1)
-        o = w.down((self.act(gate) * up).to(self.dtype)).float()
+        o = w.down((self.act(gate) * up).to(self.dtype))
         if w.post_ffn_norm is not None:
-            o = self.norm(o, w.post_ffn_norm)
+            o = self.norm(o.float(), w.post_ffn_norm)
         return x + o
 
 

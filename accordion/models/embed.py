@@ -14,7 +14,7 @@ class _ScratchKV:
 
     def __init__(self, decoder: Decoder, n: int) -> None:
         cfg = decoder.cfg
-        shape = (cfg.n_layers, 1, n, cfg.n_kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, cfg.n_kv_heads, n, cfg.head_dim)
         self.k = torch.empty(shape, dtype=decoder.dtype)
         self.v = torch.empty(shape, dtype=decoder.dtype)
 

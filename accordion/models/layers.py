@@ -7,7 +7,11 @@ import torch.nn.functional as F
 
 
 class Rope:
-    """Rotary embeddings in the rotate-half (NeoX) layout, tables grown on demand."""
+    """Rotary embeddings in the rotate-half (NeoX) layout, tables grown on demand.
+
+    The sin table carries rotate-half's signs (-sin on the first half), so a
+    rotation is x * cos + roll(x, half) * sin: three kernels instead of six.
+    """
 
     def __init__(
         self,
@@ -28,12 +32,11 @@ class Rope:
     def _grow(self, n: int) -> None:
         size = max(n, 2 * self.cos.shape[0], 256)
         angles = torch.outer(torch.arange(size, dtype=torch.float64), self.inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)
-        self.cos = angles.cos().to(self.dtype)
-        self.sin = angles.sin().to(self.dtype)
+        self.cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(self.dtype)
+        self.sin = torch.cat([-angles.sin(), angles.sin()], dim=-1).to(self.dtype)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin as [T, 1, head_dim] for the given positions."""
+        """cos, signed sin as [T, 1, head_dim] for the given positions."""
         top = int(positions.max()) + 1 if positions.numel() else 0
         if top > self.cos.shape[0]:
             self._grow(top)
@@ -41,9 +44,8 @@ class Rope:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim] rotated by position."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """x [T, heads, head_dim] rotated by position (sin as Rope.tables signs it)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,10 @@
 On this CPU class torch's int4 kernel beats a bf16 GEMM while few rows go
 through (decode) and oneDNN's bf16 GEMM wins by far for many rows (prefill).
 The int4 kernel needs bf16 activations and scales: with fp32 it is 20-50x
-slower. Types without an exact int4 form stay dense bf16: requantizing them
-per row to int8 was faster but cost measurable argmax agreement.
+slower. A weight may be a sum of int4 terms (Q8_0 is two): each term is one
+more kernel call, so such a weight switches to the dense GEMM at fewer rows.
+Types without an exact int4 form stay dense bf16: requantizing them per row to
+int8 was faster but cost measurable argmax agreement.
 """
 
 from __future__ import annotations
@@ -18,31 +20,34 @@ import torch.nn.functional as F
 from accordion.models.quant import Int4Groups
 
 WEIGHT_MODES = ("auto", "int4", "bf16", "fp32")
-INT4_MAX_ROWS = 12  # measured end to end: int4 wins at 8 decode rows, bf16 GEMM at 16
+# Rows up to which the int4 kernel beats the bf16 GEMM, by number of int4 terms.
+# Measured: one term wins at 8 decode rows and loses at 16; two terms (the
+# 49152-row SmolLM2 head) win at 2 rows and lose at 4.
+INT4_MAX_ROWS = {1: 12, 2: 3}
 
 
 @dataclass
 class Matrix:
-    """A weight as read from GGUF: exact int4 groups when the type allows, else floats."""
+    """A weight as read from GGUF: exact int4 terms when the type allows, else floats."""
 
     rows: int
     cols: int
-    int4: Int4Groups | None = None
+    int4: list[Int4Groups] | None = None  # the weight is their sum
     dense: np.ndarray | None = None  # float32 [rows, cols]
 
     def to_dense(self) -> np.ndarray:
         if self.dense is not None:
             return self.dense
-        g = self.int4
-        assert g is not None
-        return (g.q.astype(np.float32) - 8) * np.repeat(g.scale, 32, 1) + np.repeat(g.zero, 32, 1)
+        assert self.int4 is not None
+        return sum(
+            (g.q.astype(np.float32) - 8) * np.repeat(g.scale, 32, 1) + np.repeat(g.zero, 32, 1)
+            for g in self.int4
+        )
 
     def permute_rows(self, order: np.ndarray) -> Matrix:
         if self.int4 is not None:
-            g = self.int4
-            return Matrix(
-                self.rows, self.cols, Int4Groups(g.q[order], g.scale[order], g.zero[order])
-            )
+            terms = [Int4Groups(g.q[order], g.scale[order], g.zero[order]) for g in self.int4]
+            return Matrix(self.rows, self.cols, terms)
         assert self.dense is not None
         return Matrix(self.rows, self.cols, dense=self.dense[order])
 
@@ -52,15 +57,15 @@ def stack_rows(parts: list[Matrix]) -> Matrix:
     if len(parts) == 1:
         return parts[0]
     rows, cols = sum(p.rows for p in parts), parts[0].cols
-    if all(p.int4 is not None for p in parts):
-        gs = [p.int4 for p in parts]
-        return Matrix(
-            rows,
-            cols,
-            Int4Groups(
-                *(np.concatenate([getattr(g, f) for g in gs]) for f in ("q", "scale", "zero"))
-            ),
-        )
+    n_terms = {len(p.int4) if p.int4 is not None else 0 for p in parts}
+    if len(n_terms) == 1 and 0 not in n_terms:
+        per_term = zip(*(p.int4 for p in parts if p.int4 is not None), strict=True)
+        fields = ("q", "scale", "zero")
+        terms = [
+            Int4Groups(*(np.concatenate([getattr(g, f) for g in gs]) for f in fields))
+            for gs in per_term
+        ]
+        return Matrix(rows, cols, terms)
     return Matrix(rows, cols, dense=np.concatenate([p.to_dense() for p in parts]))
 
 
@@ -77,12 +82,13 @@ class Linear(torch.nn.Module):
     def __init__(self, m: Matrix, mode: str, bias: np.ndarray | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = m.rows, m.cols
-        self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.int4: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.dense: torch.Tensor | None = None
         # torch's int4 packing works in tiles of 16 output rows
         if mode in ("auto", "int4") and m.int4 is not None and m.rows % 16 == 0:
-            self.int4 = _pack_int4(m.int4)
-        if mode != "int4" or self.int4 is None:
+            self.int4 = [_pack_int4(g) for g in m.int4]
+        self.int4_max_rows = INT4_MAX_ROWS.get(len(self.int4), 0)
+        if mode != "int4" or not self.int4:
             dtype = torch.float32 if mode == "fp32" else torch.bfloat16
             self.dense = torch.from_numpy(m.to_dense()).to(dtype)
         act_dtype = torch.float32 if mode == "fp32" else torch.bfloat16
@@ -92,17 +98,17 @@ class Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if self.int4 is not None and (rows <= INT4_MAX_ROWS or self.dense is None):
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.reshape(-1, self.in_features), self.int4[0], 32, self.int4[1]
-            )
-        else:
-            assert self.dense is not None
+        if self.dense is not None and (rows > self.int4_max_rows or not self.int4):
             return F.linear(x, self.dense, self.bias)
+        x2 = x.reshape(-1, self.in_features)
+        packed, scales_zeros = self.int4[0]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, 32, scales_zeros)
+        for packed, scales_zeros in self.int4[1:]:
+            y += torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, 32, scales_zeros)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def nbytes(self) -> int:
-        tensors = list(self.int4 or ())
+        tensors = [t for pair in self.int4 for t in pair]
         tensors += [t for t in (self.dense, self.bias) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)

@@ -3,8 +3,10 @@
 Q4_0, Q4_1 and Q4_K store 4-bit values in groups of 32 with one scale and one
 offset per group; that is exactly torch's int4 group-32 layout
 (w = (q - 8) * scale + zero), so those weights stay 4-bit without loss beyond
-rounding the scale and zero to the activation dtype. Everything else is
-dequantized with the `gguf` package's own decoders.
+rounding the scale and zero to the activation dtype. Q8_0 splits exactly into
+two such terms (q = 16 * high nibble + low nibble), which read less memory than
+a bf16 copy. Everything else is dequantized with the `gguf` package's own
+decoders.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 from accordion.errors import UnsupportedModelError
 
 Q = GGMLQuantizationType
-INT4_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K})
+INT4_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0})
 GROUP = 32
 
 
@@ -50,12 +52,20 @@ def _low_high(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
-def int4_groups(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> Int4Groups | None:
-    """Exact int4 group-32 view of a Q4_0/Q4_1/Q4_K matrix, or None for other types."""
+def int4_terms(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> list[Int4Groups] | None:
+    """Int4 group-32 matrices that sum exactly to a Q4_0/Q4_1/Q4_K/Q8_0 matrix, else None."""
     if ggml_type not in INT4_TYPES or len(shape) != 2 or shape[1] % GROUP:
         return None
     n = shape[0]
     b = _blocks(raw, ggml_type, shape)
+    if ggml_type == Q.Q8_0:
+        d = _f16(b[..., 0:2])
+        q = np.ascontiguousarray(b[..., 2:34]).view(np.int8).astype(np.int16)
+        high, low = (q >> 4) + 8, q & 0x0F  # q = 16 * (high - 8) + low, exactly
+        return [
+            _groups(n, high.astype(np.uint8), 16 * d, np.zeros_like(d)),
+            _groups(n, low.astype(np.uint8), d, 8 * d),
+        ]
     if ggml_type == Q.Q4_0:
         d = _f16(b[..., 0:2])
         q = _low_high(b[..., 2:18])
@@ -75,6 +85,10 @@ def int4_groups(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> Int4
         q = (qs & 0x0F).reshape(n, nb, 8, 32)
         scale = d[..., None] * sc
         zero = 8 * scale - dmin[..., None] * mn
+    return [_groups(n, q, scale, zero)]
+
+
+def _groups(n: int, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> Int4Groups:
     return Int4Groups(
         np.ascontiguousarray(q.reshape(n, -1)),
         scale.reshape(n, -1).astype(np.float32),
