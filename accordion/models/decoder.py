@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from accordion.models.attention import AttentionBatch, attend, write_kv
 from accordion.models.config import ModelConfig
-from accordion.models.layers import ACTIVATIONS, Rope, apply_rope
+from accordion.models.layers import ACTIVATIONS, RMSNorm, Rope, apply_rope
 from accordion.models.linear import Linear
 
 
@@ -56,18 +55,17 @@ class Block(torch.nn.Module):
         self.window = cfg.sliding_window if cfg.window_layers[index] else 0
         self.act = ACTIVATIONS[cfg.activation]
         self.q_size = cfg.n_heads * cfg.head_dim
-        self.qk_norm = None  # per-head norm weights of Q then K, stacked once
+        eps = cfg.norm_eps
+        self.attn_norm, self.ffn_norm = RMSNorm(w.attn_norm, eps), RMSNorm(w.ffn_norm, eps)
+        self.qk_norm = None  # per-head norms of Q then K, weights stacked once
         if w.q_norm is not None and w.k_norm is not None:
-            self.qk_norm = torch.cat(
-                [w.q_norm.expand(cfg.n_heads, -1), w.k_norm.expand(cfg.n_kv_heads, -1)]
-            )
-
-    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, weight.shape, weight, self.cfg.norm_eps)
-
-    def norm_in(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Norm of the float32 residual stream, cast to the matmul dtype."""
-        return F.rms_norm(x, weight.shape, weight, self.cfg.norm_eps).to(self.dtype)
+            qk = [w.q_norm.expand(cfg.n_heads, -1), w.k_norm.expand(cfg.n_kv_heads, -1)]
+            self.qk_norm = RMSNorm(torch.cat(qk), eps)
+        self.post_attn_norm: RMSNorm | None = None  # gemma3's sandwich norms
+        self.post_ffn_norm: RMSNorm | None = None
+        if w.post_attn_norm is not None and w.post_ffn_norm is not None:
+            self.post_attn_norm = RMSNorm(w.post_attn_norm, eps)
+            self.post_ffn_norm = RMSNorm(w.post_ffn_norm, eps)
 
     def forward(
         self,
@@ -78,23 +76,25 @@ class Block(torch.nn.Module):
     ) -> torch.Tensor:
         cfg, w, t = self.cfg, self.w, x.shape[0]
         # heads of Q, K and V side by side: [T, heads + 2 * kv_heads, head_dim]
-        heads = w.qkv(self.norm_in(x, w.attn_norm)).view(t, -1, cfg.head_dim)
+        # norms read the float32 residual stream and hand the matmul its dtype
+        heads = w.qkv(self.attn_norm(x, self.dtype)).view(t, -1, cfg.head_dim)
         n_qk = cfg.n_heads + cfg.n_kv_heads
         qk, v = heads[:, :n_qk].float(), heads[:, n_qk:]  # V goes to the cache as it is
         if self.qk_norm is not None:
-            qk = F.rms_norm(qk, (cfg.head_dim,), None, cfg.norm_eps) * self.qk_norm
+            qk = self.qk_norm(qk)
         qk = apply_rope(qk, *rope)  # one rotation serves Q and K
         q, k = qk[:, : cfg.n_heads], qk[:, cfg.n_heads :]
         write_kv(kv[0], kv[1], k, v, batch.slots)
         o = attend(q.to(kv[0].dtype), kv[0], kv[1], batch, cfg.attn_scale, self.window)
         o = w.o(o.reshape(t, self.q_size).to(self.dtype))
-        if w.post_attn_norm is not None:
-            o = self.norm(o.float(), w.post_attn_norm)
+        if self.post_attn_norm is not None:
+            o = self.post_attn_norm(o.float())
         x = x + o  # float32 + bf16 is float32: the residual stream keeps its precision
-        gate, up = w.gate_up(self.norm_in(x, w.ffn_norm)).float().chunk(2, dim=-1)
-        o = w.down((self.act(gate) * up).to(self.dtype))
-        if w.post_ffn_norm is not None:
-            o = self.norm(o.float(), w.post_ffn_norm)
+        gate_up = w.gate_up(self.ffn_norm(x, self.dtype)).float()
+        n = gate_up.shape[-1] // 2
+        o = w.down((self.act(gate_up[:, :n]) * gate_up[:, n:]).to(self.dtype))
+        if self.post_ffn_norm is not None:
+            o = self.post_ffn_norm(o.float())
         return x + o
 
 
@@ -113,7 +113,8 @@ class Decoder(torch.nn.Module):
         self.cfg, self.dtype = cfg, dtype
         self.embed = embed  # [vocab, hidden] in the activation dtype
         self.blocks = torch.nn.ModuleList(Block(cfg, i, w, dtype) for i, w in enumerate(blocks))
-        self.out_norm, self.lm_head, self.ropes = out_norm, lm_head, ropes
+        self.out_norm = RMSNorm(out_norm, cfg.norm_eps)
+        self.lm_head, self.ropes = lm_head, ropes
         self.embed_scale = torch.tensor(cfg.embed_scale, dtype=dtype).float()
 
     def rope_base(self, index: int) -> float:
@@ -129,7 +130,7 @@ class Decoder(torch.nn.Module):
         for i, block in enumerate(self.blocks):
             group = kv.group_of(i)
             x = block(x, tables[self.rope_base(i)], kv.layer(i), batch.attn[group])
-        return F.rms_norm(x, self.out_norm.shape, self.out_norm, self.cfg.norm_eps).to(self.dtype)
+        return self.out_norm(x, self.dtype)
 
     def forward(self, batch: ForwardBatch, kv: PagedKV) -> torch.Tensor:
         """Next-token logits (float32) for batch.sample_rows."""
