@@ -256,7 +256,9 @@ def test_tools_on_a_model_without_tool_template(http: httpx.Client) -> None:
 def test_suffix_is_refused_and_shift_runs_past_the_context(http: httpx.Client) -> None:
     r = http.post("/api/generate", json={"model": MODEL, "prompt": "hi", "suffix": "x"})
     assert "suffix" in error_of(r, 400)
+    # counting repeats digits: without the repeat penalty greedy keeps counting, no EOS
     options = {"num_ctx": 64, "num_predict": 80, "temperature": 0, "num_keep": 4}
+    options["repeat_penalty"] = 1.0
     body = {
         "model": MODEL,
         "prompt": "1, 2, 3, 4, 5, 6, 7, 8,",

@@ -65,8 +65,9 @@ def make_config(flags: tuple[bool, ...], window: int, kv_heads: int, head_dim: i
 
 @dataclass(frozen=True)
 class Setup:
-    """One cache shape. block_size * kv_heads * head_dim * 4 bytes is one page, so a
-    segment is exactly segment_tokens / block_size blocks (no rounding up to pages)."""
+    """One cache shape. One head's block (block_size * head_dim * 4 bytes) divides a page
+    and segment_tokens make whole pages, so a segment is exactly segment_tokens /
+    block_size blocks (no rounding up to pages)."""
 
     name: str
     flags: tuple[bool, ...]  # per layer: sliding window or not
@@ -189,8 +190,7 @@ def check_pools(kv: KVCache) -> None:
         assert len(free) == len(p.free), "a block is free twice"
         assert not (free & cached or free & owned or cached & owned), gi
         assert free | cached | owned == set(range(p.committed_blocks)), gi
-        # the heap property: allocation takes the lowest free id
-        assert all(p.free[(i - 1) // 2] <= p.free[i] for i in range(1, len(p.free)))
+        assert p.free == sorted(p.free), "free ids are kept in order"
         # the prefix index: one key per block and back, only blocks holding full data
         assert len(p.key_of) == len(p.by_key)
         assert all(p.by_key[key] == b for b, key in p.key_of.items())
@@ -537,6 +537,28 @@ def test_cached_blocks_are_evicted_least_recently_used_first() -> None:
     hits = {sid: kv.open(20 + sid, tokens) for sid, tokens in prompts.items()}
     assert hits == {0: 8, 1: 0, 2: 8}, hits  # only the oldest chain lost its blocks
     check_pools(kv)
+
+
+def test_a_new_sequence_gets_one_run_even_through_eviction() -> None:
+    """Free blocks and blocks evicted from the cache are handed out in ascending order,
+    and growth continues after a sequence's last block: attention then reads one view."""
+    kv = SETUP["llama_bs4_tight"].cache()
+    pool = kv.groups[0].pool
+    compute(kv, 0, [1] * 9)  # blocks 0, 1 full (cached once closed), 2 partial (freed)
+    kv.close(0)
+    assert (sorted(pool.cached), pool.free) == ([0, 1], [2, 3])  # one segment of 4
+    tokens = [50 + i for i in range(30)]
+    compute(kv, 10, tokens, 16)  # 4 blocks: the 2 free ones, then 2 evicted
+    ((table, _),) = kv.slices(10)
+    assert table == [0, 1, 2, 3]
+    for end in range(17, 31):  # one token at a time, as decode goes: the pool grows
+        assert kv.try_reserve(10, end - 1, end)
+        write_kv(kv, 10, tokens, end - 1, end)
+        kv.written(10, tokens, end)
+    ((table, _),) = kv.slices(10)
+    assert table == list(range(8)), table
+    check_pools(kv)
+    check_kv(kv, 10, tokens, 30)
 
 
 def test_partial_eviction_keeps_the_head_of_a_chain() -> None:

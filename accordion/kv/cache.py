@@ -182,8 +182,9 @@ class KVCache:
             table = seq.tables[gi]
             if not table:
                 seq.first[gi] = max(seq.first[gi], g.first_needed(start, bs))
-            while seq.first[gi] + len(table) < -(-end // bs):
-                table.append(g.pool.allocate())
+            missing = -(-end // bs) - seq.first[gi] - len(table)
+            if missing > 0:  # one run if possible: attention reads a run as a view
+                table += g.pool.allocate_run(missing, table[-1] if table else None)
 
     def _trim(self, seq: SeqBlocks, pos: int) -> None:
         """Window groups give back blocks no query from `pos` on can see."""

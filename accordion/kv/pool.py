@@ -6,15 +6,20 @@
 - free: holds nothing useful
 
 Blocks live in segments of `segment_blocks`; only the first `segments` are
-committed. Allocation takes the lowest free id so high segments drain, and
-shrinking releases empty segments from the top.
+committed. A sequence's next block is the one right after its last when that
+one is free, so its table stays one run of consecutive ids that attention reads
+as a view, with no gather. Otherwise allocation takes the start of the lowest
+free run long enough for what the sequence needs now, else the lowest free id,
+so high segments drain; shrinking releases empty segments from the top.
 """
 
 from __future__ import annotations
 
-import heapq
+import bisect
 from collections import OrderedDict
 from collections.abc import Callable
+
+import numpy as np
 
 BlockKey = tuple[int, tuple[int, ...]]  # (parent chain hash, token ids of the block)
 
@@ -36,7 +41,7 @@ class BlockPool:
         self.max_segments = max_segments
         self._commit, self._release, self._can_grow = commit, release, can_grow
         self.segments = 0
-        self.free: list[int] = []  # min-heap of free ids in committed segments
+        self.free: list[int] = []  # free ids in committed segments, ascending
         self.cached: OrderedDict[int, None] = OrderedDict()  # LRU: oldest first
         self.ref: dict[int, int] = {}  # owned blocks
         self.key_of: dict[int, BlockKey] = {}  # full blocks (owned or cached-free)
@@ -68,8 +73,7 @@ class BlockPool:
         if not self._commit(first, self.segment_blocks):
             return False
         self.segments += 1
-        for b in range(first, first + self.segment_blocks):
-            heapq.heappush(self.free, b)
+        self.free.extend(range(first, first + self.segment_blocks))  # above every free id
         return True
 
     def shrink(self, floor_segments: int, keep: int = 0) -> int:
@@ -86,7 +90,6 @@ class BlockPool:
                     self._forget(b)
                     del self.cached[b]
             self.free = [b for b in self.free if b < first]
-            heapq.heapify(self.free)
             self._release(first, self.segment_blocks)
             self.segments -= 1
             released += 1
@@ -98,26 +101,39 @@ class BlockPool:
             return []
         first = (self.segments - 1) * self.segment_blocks
         live = [b for b in range(first, first + self.segment_blocks) if b in self.ref]
-        low_free = sorted(b for b in self.free if b < first)[: len(live)]
+        low_free = [b for b in self.free if b < first][: len(live)]
         return list(zip(live, low_free, strict=False)) if len(low_free) == len(live) else []
 
     def move(self, src: int, dst: int) -> None:
         """Account a block's contents moved from src (owned) to dst (free)."""
-        self.free.remove(dst)
-        heapq.heapify(self.free)
+        self._take_free(dst)
         self.ref[dst] = self.ref.pop(src)
         key = self.key_of.pop(src, None)
         if key is not None:
             self.key_of[dst] = key
             self.by_key[key] = dst
-        heapq.heappush(self.free, src)
+        bisect.insort(self.free, src)
 
     # -- allocation ---------------------------------------------------------
-    def allocate(self) -> int:
+    def allocate_run(self, n: int, after: int | None = None) -> list[int]:
+        """n blocks for a sequence whose last block is `after`, in the order that makes
+        the fewest runs: ascending, starting at after + 1 when that is among them."""
+        blocks = []
+        for left in range(n, 0, -1):
+            blocks.append(self.allocate(blocks[-1] if blocks else after, left))
+        blocks.sort()  # evicted cached blocks may sit right before the free ones
+        if after is not None and after + 1 in blocks:
+            i = blocks.index(after + 1)
+            blocks = blocks[i:] + blocks[:i]
+        return blocks
+
+    def allocate(self, after: int | None = None, run: int = 1) -> int:
+        """A block for a sequence whose last block is `after` and that needs `run` more."""
         if not self.free and not self.cached:
             self.grow()
         if self.free:
-            block = heapq.heappop(self.free)
+            block = self._pick_free(after, run)
+            self._take_free(block)
         elif self.cached:
             block, _ = self.cached.popitem(last=False)  # evict the least recently used
             self._forget(block)
@@ -151,7 +167,7 @@ class BlockPool:
                 return  # a live identical block already serves hits; this one stays private
             del self.cached[old]  # the idle copy gives way to the one in use
             self._forget(old)
-            heapq.heappush(self.free, old)
+            bisect.insort(self.free, old)
         self.key_of[block] = key
         self.by_key[key] = block
 
@@ -163,7 +179,25 @@ class BlockPool:
         if block in self.key_of:
             self.cached[block] = None  # most recently used at the end
         else:
-            heapq.heappush(self.free, block)
+            bisect.insort(self.free, block)
+
+    def _pick_free(self, after: int | None, run: int) -> int:
+        free = self.free
+        if after is not None and self._is_free(after + 1):
+            return after + 1
+        if run > 1 and len(free) >= run:  # the lowest run of `run` consecutive ids
+            ids = np.asarray(free)
+            starts = np.flatnonzero(ids[run - 1 :] - ids[: len(ids) - run + 1] == run - 1)
+            if len(starts):
+                return free[int(starts[0])]
+        return free[0]
+
+    def _is_free(self, block: int) -> bool:
+        i = bisect.bisect_left(self.free, block)
+        return i < len(self.free) and self.free[i] == block
+
+    def _take_free(self, block: int) -> None:
+        del self.free[bisect.bisect_left(self.free, block)]
 
     def _forget(self, block: int) -> None:
         key = self.key_of.pop(block)

@@ -5,9 +5,12 @@ prefill chunks mixed). K/V of the new tokens are written to their cache slots;
 then each sequence attends to its own blocks. A layer's cache is head-major,
 [kv_heads, slots, head_dim] with slot = block * block_size + offset. On CPU we
 take a view when a sequence's blocks are consecutive in the pool (the common
-case: the pool hands out the lowest free ids), else gather its slots, and call
-`scaled_dot_product_attention`; a CUDA backend would replace `attend` with a
-paged kernel reading the same block tables.
+case: the pool extends a sequence with the block after its last), and call
+`scaled_dot_product_attention`. A decode token whose table is a few runs
+attends to each run through a view and merges the parts by their log-sum-exp;
+only what is more scattered is gathered (a copy of the whole context, which at
+4k tokens costs as much as the attention itself). A CUDA backend would replace
+`attend` with a paged kernel reading the same block tables.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+MAX_RUNS = 4  # runs of blocks a decode token reads through views; past this, gather
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # also returns the LSE
 
 
 @dataclass
@@ -28,7 +34,7 @@ class SeqSlice:
     blocks: list[int]  # block table (for a window group: only the blocks still held)
     start_pos: int = 0  # position of the first token of blocks[0]
     _slots: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
-    _run: int | None = field(default=-1, repr=False)
+    _spans: dict[int, list[tuple[int, int]]] = field(default_factory=dict, repr=False)
 
     def key_slots(self, lo: int, hi: int, block_size: int) -> torch.Tensor:
         """Cache slots of positions [lo, hi), built once per step and shared by all layers."""
@@ -38,13 +44,23 @@ class SeqSlice:
             self._slots[lo] = blocks[pos // block_size] * block_size + pos % block_size
         return self._slots[lo]
 
-    def block_run(self) -> int | None:
-        """First block id if the table is one run of consecutive ids (a view suffices)."""
-        if self._run == -1:  # computed once per step, then shared by every layer
-            b = self.blocks
-            consecutive = bool(b) and all(y == x + 1 for x, y in zip(b, b[1:], strict=False))
-            self._run = b[0] if consecutive else None
-        return self._run
+    def key_spans(self, lo: int, hi: int, block_size: int) -> list[tuple[int, int]]:
+        """Slot ranges [a, b) holding positions [lo, hi) in order: one per run of
+        consecutive block ids. Built once per step and shared by all layers."""
+        if lo not in self._spans:
+            spans: list[tuple[int, int]] = []
+            first = (lo - self.start_pos) // block_size
+            last = -(-(hi - self.start_pos) // block_size)
+            for j in range(first, last):
+                pos_a = max(lo, self.start_pos + j * block_size)
+                pos_b = min(hi, self.start_pos + (j + 1) * block_size)
+                a = self.blocks[j] * block_size + (pos_a - self.start_pos) % block_size
+                if spans and spans[-1][1] == a:
+                    spans[-1] = (spans[-1][0], a + pos_b - pos_a)
+                else:
+                    spans.append((a, a + pos_b - pos_a))
+            self._spans[lo] = spans
+        return self._spans[lo]
 
 
 @dataclass
@@ -63,6 +79,9 @@ class AttentionBatch:
         if window:
             lo = max(lo, s.ctx_len - s.q_len - window + 1)
         return lo, s.ctx_len
+
+    def spans(self, s: SeqSlice, window: int) -> list[tuple[int, int]]:
+        return s.key_spans(*self.key_range(s, window), self.block_size)
 
     def mask(self, i: int, window: int) -> torch.Tensor | None:
         """Boolean [q_len, keys] mask (True = attend), built once and shared by all layers."""
@@ -86,7 +105,7 @@ class AttentionBatch:
 class DecodeGather:
     """Decode sequences (one new token each) attended in one padded batch.
 
-    Only sequences whose blocks are not one consecutive run are gathered: the
+    Only sequences whose blocks are more than MAX_RUNS runs are gathered: the
     others attend through views, which copies nothing (a per-sequence call costs
     about as much as the gather at 300 keys and less beyond).
     """
@@ -102,7 +121,11 @@ def decode_gather(batch: AttentionBatch, window: int) -> DecodeGather | None:
     """Built once per step and window, shared by all layers; None for fewer than 2."""
     if window in batch._decode:
         return batch._decode[window]
-    members = [i for i, s in enumerate(batch.seqs) if s.q_len == 1 and s.block_run() is None]
+    members = [
+        i
+        for i, s in enumerate(batch.seqs)
+        if s.q_len == 1 and len(batch.spans(s, window)) > MAX_RUNS
+    ]
     gather = None
     if len(members) >= 2:
         spans = []
@@ -135,10 +158,9 @@ def write_kv(
 
 def _keys(cache: torch.Tensor, s: SeqSlice, lo: int, hi: int, block_size: int) -> torch.Tensor:
     """[1, kv_heads, hi - lo, head_dim] keys or values of positions [lo, hi) of `s`."""
-    first = s.block_run()
-    if first is not None:  # consecutive blocks: a view, nothing copied
-        start = first * block_size - s.start_pos
-        return cache[:, start + lo : start + hi].unsqueeze(0)
+    spans = s.key_spans(lo, hi, block_size)
+    if len(spans) == 1:  # consecutive blocks: a view, nothing copied
+        return cache[:, spans[0][0] : spans[0][1]].unsqueeze(0)
     return gather_slots(cache, s.key_slots(lo, hi, block_size)).unsqueeze(0)
 
 
@@ -202,6 +224,9 @@ def _attend_one(
     s, bs = batch.seqs[i], batch.block_size
     lo, hi = batch.key_range(s, window)
     qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)
+    spans = batch.spans(s, window)
+    if s.q_len == 1 and 1 < len(spans) <= MAX_RUNS:
+        return _attend_runs(qs, k_cache, v_cache, spans, scale)[0]
     o = F.scaled_dot_product_attention(
         qs,
         _keys(k_cache, s, lo, hi, bs),
@@ -211,3 +236,21 @@ def _attend_one(
         enable_gqa=True,
     )
     return o[0]
+
+
+def _attend_runs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    spans: list[tuple[int, int]],
+    scale: float,
+) -> torch.Tensor:
+    """One decode query [1, heads, 1, d] over several runs of keys: each run through a
+    view, the partial outputs weighted by the softmax of their log-sum-exps."""
+    parts = [
+        _flash(q, k_cache[:, a:b].unsqueeze(0), v_cache[:, a:b].unsqueeze(0), scale=scale)
+        for a, b in spans
+    ]
+    outs = torch.stack([o for o, _ in parts])  # [runs, 1, heads, 1, d]
+    weights = torch.softmax(torch.stack([lse for _, lse in parts]), dim=0)  # [runs, 1, heads, 1]
+    return (outs.float() * weights.unsqueeze(-1)).sum(0).to(q.dtype)
