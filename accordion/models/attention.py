@@ -105,9 +105,10 @@ class AttentionBatch:
 class DecodeGather:
     """Decode sequences (one new token each) attended in one padded batch.
 
-    Only sequences whose blocks are more than MAX_RUNS runs are gathered: the
-    others attend through views, which copies nothing (a per-sequence call costs
-    about as much as the gather at 300 keys and less beyond).
+    Only sequences whose blocks are not one run are gathered: the others attend
+    through views, which copies nothing (a per-sequence call costs about as much
+    as the gather at 300 keys and less beyond). A lone scattered sequence merges
+    its runs instead (see _attend_one).
     """
 
     members: list[int]  # indices into AttentionBatch.seqs
@@ -122,9 +123,7 @@ def decode_gather(batch: AttentionBatch, window: int) -> DecodeGather | None:
     if window in batch._decode:
         return batch._decode[window]
     members = [
-        i
-        for i, s in enumerate(batch.seqs)
-        if s.q_len == 1 and len(batch.spans(s, window)) > MAX_RUNS
+        i for i, s in enumerate(batch.seqs) if s.q_len == 1 and len(batch.spans(s, window)) > 1
     ]
     gather = None
     if len(members) >= 2:

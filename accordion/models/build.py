@@ -9,6 +9,7 @@ from accordion.errors import UnsupportedModelError
 from accordion.loader.gguf_file import GGUFFile
 from accordion.models.config import ModelConfig
 from accordion.models.decoder import BlockWeights, Decoder
+from accordion.models.head import ExactRows
 from accordion.models.layers import Rope
 from accordion.models.linear import WEIGHT_MODES, Linear, Matrix, stack_rows
 from accordion.models.quant import dequantize, int4_terms, type_name
@@ -114,8 +115,13 @@ def build_decoder(gf: GGUFFile, cfg: ModelConfig, mode: str = "auto") -> Decoder
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {mode!r}")
     t, dtype = _Tensors(gf), activation_dtype(mode)
     embed_m = t.matrix("token_embd.weight")
-    head_m = embed_m if cfg.tied_embeddings else t.matrix("output.weight")
+    head_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
+    head_m = embed_m if cfg.tied_embeddings else t.matrix(head_name)
     lm_head = Linear(head_m, mode)
+    exact_head = None
+    if dtype != torch.float32:  # the fast head's leaders get recomputed from the file
+        info = gf.tensors[head_name]
+        exact_head = ExactRows(gf.tensor_bytes(head_name), info.ggml_type, *info.shape)
     if cfg.tied_embeddings and lm_head.dense is not None:
         embed = lm_head.dense  # one dense copy serves both the lookup and the head
     else:
@@ -124,4 +130,5 @@ def build_decoder(gf: GGUFFile, cfg: ModelConfig, mode: str = "auto") -> Decoder
     out_norm = _norm(t, "output_norm.weight")
     if out_norm is None:
         raise UnsupportedModelError(f"{gf.path.name}: tensor 'output_norm.weight' is missing")
-    return Decoder(cfg, embed, blocks, out_norm, lm_head, _ropes(cfg, gf, t, dtype), dtype)
+    ropes = _ropes(cfg, gf, t, dtype)
+    return Decoder(cfg, embed, blocks, out_norm, lm_head, ropes, dtype, exact_head)

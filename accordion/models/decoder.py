@@ -14,6 +14,7 @@ import torch
 
 from accordion.models.attention import AttentionBatch, attend, write_kv
 from accordion.models.config import ModelConfig
+from accordion.models.head import ExactRows, rescore
 from accordion.models.layers import ACTIVATIONS, RMSNorm, Rope, apply_rope
 from accordion.models.linear import Linear
 
@@ -108,9 +109,11 @@ class Decoder(torch.nn.Module):
         lm_head: Linear,
         ropes: dict[float, Rope],
         dtype: torch.dtype,
+        exact_head: ExactRows | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
+        self.exact_head = exact_head  # None when the head is already float32
         self.embed = embed  # [vocab, hidden] in the activation dtype
         self.blocks = torch.nn.ModuleList(Block(cfg, i, w, dtype) for i, w in enumerate(blocks))
         self.out_norm = RMSNorm(out_norm, cfg.norm_eps)
@@ -122,7 +125,18 @@ class Decoder(torch.nn.Module):
         return self.cfg.rope_base_local if local else self.cfg.rope_base
 
     def hidden_states(self, batch: ForwardBatch, kv: PagedKV) -> torch.Tensor:
-        """Final-normed hidden states [T, hidden] of every token of the batch."""
+        """Final-normed hidden states [T, hidden] (float32) of every token of the batch."""
+        return self.out_norm(self._residual(batch, kv))
+
+    def forward(self, batch: ForwardBatch, kv: PagedKV) -> torch.Tensor:
+        """Next-token logits (float32) for batch.sample_rows."""
+        h = self.out_norm(self._residual(batch, kv)[batch.sample_rows])
+        logits = self.lm_head(h.to(self.dtype)).float()
+        if self.exact_head is not None:
+            rescore(logits, h, self.exact_head)
+        return logits
+
+    def _residual(self, batch: ForwardBatch, kv: PagedKV) -> torch.Tensor:
         x = self.embed[batch.tokens].float()  # the residual stream stays float32
         if self.cfg.embed_scale != 1.0:
             x = x * self.embed_scale
@@ -130,12 +144,7 @@ class Decoder(torch.nn.Module):
         for i, block in enumerate(self.blocks):
             group = kv.group_of(i)
             x = block(x, tables[self.rope_base(i)], kv.layer(i), batch.attn[group])
-        return self.out_norm(x, self.dtype)
-
-    def forward(self, batch: ForwardBatch, kv: PagedKV) -> torch.Tensor:
-        """Next-token logits (float32) for batch.sample_rows."""
-        h = self.hidden_states(batch, kv)
-        return self.lm_head(h[batch.sample_rows]).float()
+        return x
 
     def nbytes(self) -> int:
         linears = [self.lm_head] + [

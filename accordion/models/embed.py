@@ -34,5 +34,5 @@ def embed(decoder: Decoder, ids: list[int]) -> list[float]:
         attn=[AttentionBatch(torch.arange(n), [SeqSlice(0, n, n, [0])], n)],
         sample_rows=torch.empty(0, dtype=torch.long),
     )
-    h = decoder.hidden_states(batch, _ScratchKV(decoder, n)).float()
+    h = decoder.hidden_states(batch, _ScratchKV(decoder, n))
     return F.normalize(h.mean(dim=0), dim=0).tolist()
