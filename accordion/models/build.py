@@ -125,7 +125,7 @@ def build_decoder(gf: GGUFFile, cfg: ModelConfig, mode: str = "auto") -> Decoder
     if cfg.tied_embeddings and lm_head.dense is not None:
         embed = lm_head.dense  # one dense copy serves both the lookup and the head
     else:
-        embed = torch.from_numpy(embed_m.to_dense()).to(dtype)
+        embed = embed_m.dense_tensor(dtype)
     blocks = [_block(cfg, t, i, mode) for i in range(cfg.n_layers)]
     out_norm = _norm(t, "output_norm.weight")
     if out_norm is None:

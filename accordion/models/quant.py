@@ -60,12 +60,11 @@ def int4_terms(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> list[
     b = _blocks(raw, ggml_type, shape)
     if ggml_type == Q.Q8_0:
         d = _f16(b[..., 0:2])
-        q = np.ascontiguousarray(b[..., 2:34]).view(np.int8).astype(np.int16)
-        high, low = (q >> 4) + 8, q & 0x0F  # q = 16 * (high - 8) + low, exactly
-        return [
-            _groups(n, high.astype(np.uint8), 16 * d, np.zeros_like(d)),
-            _groups(n, low.astype(np.uint8), d, 8 * d),
-        ]
+        u = b[..., 2:34]  # int8 q as its two's-complement byte
+        # q = 16 * (high - 8) + low: the signed high nibble plus 8 is the unsigned one
+        # with its top bit flipped, so both come from the byte without widening
+        high, low = (u >> 4) ^ 8, u & 0x0F
+        return [_groups(n, high, 16 * d, np.zeros_like(d)), _groups(n, low, d, 8 * d)]
     if ggml_type == Q.Q4_0:
         d = _f16(b[..., 0:2])
         q = _low_high(b[..., 2:18])
