@@ -17,7 +17,7 @@ from accordion.api.app import request_id
 from accordion.engine.request import Event, RequestOutput
 from accordion.errors import InvalidRequestError
 from accordion.server.durations import parse_keep_alive
-from accordion.server.manager import Loaded, ModelManager
+from accordion.server.manager import Loaded
 
 router = APIRouter()
 NDJSON = "application/x-ndjson"
@@ -70,13 +70,9 @@ def now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-def manager_of(request: Request) -> ModelManager:
-    return request.app.state.manager
-
-
 async def load(request: Request, body: _Body | EmbedBody) -> tuple[Loaded, float]:
     keep_alive = None if body.keep_alive is None else parse_keep_alive(body.keep_alive)
-    return await manager_of(request).get(body.model, keep_alive)
+    return await service.manager_of(request).get(body.model, keep_alive)
 
 
 def check_unsupported(body: _Body, images: list[str] | None) -> None:
@@ -113,7 +109,7 @@ async def respond(
     start: float,
 ) -> Any:
     """Stream NDJSON chunks (or one object); `piece(text)` shapes a chunk's payload."""
-    manager = manager_of(request)
+    manager = service.manager_of(request)
     head = {"model": body.model}
 
     def final(out: RequestOutput, text: str) -> dict[str, Any]:
@@ -150,7 +146,7 @@ async def respond(
 def load_reply(body: _Body, request: Request, loaded: Loaded, chat: bool) -> JSONResponse:
     unload = body.keep_alive is not None and parse_keep_alive(body.keep_alive) == 0
     if unload:
-        manager_of(request).unload(loaded.name)
+        service.manager_of(request).unload(loaded.name)
     doc = {
         "model": body.model,
         "created_at": now(),
@@ -212,7 +208,7 @@ async def chat(body: ChatBody, request: Request) -> Any:
 async def _embeddings(request: Request, body: EmbedBody, texts: list[str]) -> tuple[list, int]:
     loaded, _ = await load(request, body)
     return await service.embed_texts(
-        manager_of(request), loaded, texts, body.truncate, body.options
+        service.manager_of(request), loaded, texts, body.truncate, body.options
     )
 
 
@@ -245,7 +241,7 @@ async def ps(request: Request) -> dict[str, Any]:
     from accordion.api.store_routes import details
 
     models = []
-    for entry in list(manager_of(request).loaded.values()):
+    for entry in list(service.manager_of(request).loaded.values()):
         stats_ = entry.engine.kv_stats()
         size = entry.weight_bytes + stats_["allocated_bytes"]
         expires = datetime.fromtimestamp(min(entry.expires_at, 4102444800), UTC)

@@ -27,7 +27,7 @@ from accordion.api import service
 from accordion.api.app import request_id, status_of
 from accordion.engine.request import Event, RequestOutput
 from accordion.errors import InvalidRequestError
-from accordion.server.manager import Loaded, ModelManager
+from accordion.server.manager import Loaded
 from accordion.server.store import ModelEntry
 
 router = APIRouter()
@@ -102,10 +102,6 @@ class EmbeddingsBody(BaseModel):
     truncate: Flag = True
 
 
-def manager_of(request: Request) -> ModelManager:
-    return request.app.state.manager
-
-
 def check_unsupported(body: _Body) -> None:
     if body.n not in (None, 1):
         raise InvalidRequestError(f"n={body.n} is not supported: only one choice per request")
@@ -174,7 +170,7 @@ def _parsed_call(call: Any) -> Any:
 
 
 async def load(request: Request, model: str) -> Loaded:
-    loaded, _ = await manager_of(request).get(model)
+    loaded, _ = await service.manager_of(request).get(model)
     return loaded
 
 
@@ -216,7 +212,7 @@ async def prime(stream: AsyncGenerator[Event | RequestOutput, None]) -> list[Eve
 async def respond(
     request: Request, body: _Body, loaded: Loaded, prepared: service.Prepared, chat: bool
 ) -> Any:
-    manager = manager_of(request)
+    manager = service.manager_of(request)
     head = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion" if chat else "text_completion",
@@ -327,7 +323,7 @@ async def embeddings(body: EmbeddingsBody, request: Request) -> dict[str, Any]:
     texts = embedding_texts(body.input)
     if body.encoding_format not in ("float", "base64"):
         raise InvalidRequestError("encoding_format must be 'float' or 'base64'")
-    manager = manager_of(request)
+    manager = service.manager_of(request)
     loaded = await load(request, body.model)
     if body.dimensions is not None and body.dimensions != loaded.model.config.hidden:
         raise InvalidRequestError(

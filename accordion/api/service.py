@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from fastapi import Request
+
 from accordion.api.app import request_id
 from accordion.api.options import RequestOptions, merge, to_request_options
 from accordion.engine.request import Event, RequestHandle, RequestOutput, output_of
@@ -24,6 +26,10 @@ from accordion.models.embed import embed
 from accordion.server.manager import Loaded, ModelManager
 
 log = logging.getLogger("accordion.api")
+
+
+def manager_of(request: Request) -> ModelManager:
+    return request.app.state.manager
 
 
 @dataclass

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from gguf import LlamaFileType
 from pydantic import BaseModel, ConfigDict, StrictBool
 
+from accordion.api.service import manager_of
 from accordion.errors import InvalidRequestError, ModelNotFoundError
 from accordion.loader.bundled import BUNDLED, split_tag
 from accordion.loader.gguf_file import open_gguf
@@ -214,7 +215,7 @@ async def copy(body: CopyBody, request: Request) -> Response:
 async def delete(body: NameBody, request: Request) -> Response:
     name = body.target()
     store_of(request).delete(name)
-    request.app.state.manager.unload(name)
+    manager_of(request).unload(name)
     return Response(status_code=200)
 
 

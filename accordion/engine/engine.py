@@ -139,7 +139,7 @@ class Engine:
                     self.step()
                 except Exception as e:  # a bug must fail its requests, not hang them
                     log.exception("engine step failed")
-                    self._fail_all(e)
+                    self.fail_all(e)
                 continue
             now = time.perf_counter()
             if idle_since is None:
@@ -229,7 +229,8 @@ class Engine:
         seq.error = RequestCancelledError("request cancelled")
         return self._end(seq, "cancelled", "", flush=False)
 
-    def _fail_all(self, error: Exception) -> None:
+    def fail_all(self, error: Exception) -> None:
+        """End every request with `error` (the model itself failed)."""
         for seq in self._all():
             seq.error = error
             self._handles[seq.id].push(self._end(seq, "error", "", flush=False))

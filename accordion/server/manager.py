@@ -227,7 +227,7 @@ class ModelManager:
                         engine.step()
                     except Exception as e:
                         log.exception("engine step failed model=%s", entry.name)
-                        engine._fail_all(e)
+                        engine.fail_all(e)
             for engine in list(self.draining):
                 if engine.has_work():
                     busy = True
