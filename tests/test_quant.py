@@ -11,7 +11,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from accordion.models import linear
 from accordion.models.build import unpermute_order
-from accordion.models.linear import INT4_MAX_ROWS, Linear, Matrix, stack_rows
+from accordion.models.linear import INT4_MAX_ROWS, INT8_MAX_ROWS, Linear, Matrix, stack_rows
 from accordion.models.quant import int4_terms
 
 Q = GGMLQuantizationType
@@ -263,3 +263,24 @@ def test_permute_rows_restores_hf_layout(n_head: int) -> None:
     assert m.int4 is not None
     expected = quants.dequantize(quants.quantize(hf, Q.Q4_0), Q.Q4_0).reshape(rows, cols)
     np.testing.assert_array_equal(m.to_dense(), expected)
+
+
+def test_approximate_rows_serves_few_rows_from_int8(dense_calls: list[int]) -> None:
+    """A head with no single int4 term decodes few rows from a per-row int8 copy: close to
+    the exact product (its leaders are recomputed exactly elsewhere), dense beyond."""
+    n, k = 64, 256
+    raw, w = quantized(n, k, Q.Q8_0, seed=4)
+    head = Linear(as_matrix(raw, Q.Q8_0, n, k), "auto")
+    head.approximate_rows()
+    assert head.int8 is not None and not head.int4  # replaces the two int4 terms
+    assert head.int8[0].dtype == torch.int8 and head.int8[0].shape == (n, k)
+    gen = torch.Generator().manual_seed(5)
+    for rows in (1, INT8_MAX_ROWS, INT8_MAX_ROWS + 1):
+        dense_calls.clear()
+        x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+        ref = x.double() @ torch.from_numpy(w).double().T
+        assert rel_err(head(x), ref) < TOL["auto"]
+        assert bool(dense_calls) == (rows > INT8_MAX_ROWS)
+    one_term = Linear(qmatrix(n, k, Q.Q4_0), "auto")
+    one_term.approximate_rows()  # a single int4 term is already smaller than int8
+    assert one_term.int8 is None and len(one_term.int4) == 1

@@ -122,6 +122,7 @@ def build_decoder(gf: GGUFFile, cfg: ModelConfig, mode: str = "auto") -> Decoder
     if dtype != torch.float32:  # the fast head's leaders get recomputed from the file
         info = gf.tensors[head_name]
         exact_head = ExactRows(gf.tensor_bytes(head_name), info.ggml_type, *info.shape)
+        lm_head.approximate_rows()
     if cfg.tied_embeddings and lm_head.dense is not None:
         embed = lm_head.dense  # one dense copy serves both the lookup and the head
     else:

@@ -24,6 +24,9 @@ WEIGHT_MODES = ("auto", "int4", "bf16", "fp32")
 # Measured: one term wins at 8 decode rows and loses at 16; two terms (the
 # 49152-row SmolLM2 head) win at 2 rows and lose at 4.
 INT4_MAX_ROWS = {1: 12, 2: 3}
+# Rows up to which a per-row int8 copy beats the bf16 GEMM on a 49152 x 576 head:
+# 1.0 vs 2.0 ms at 1 row, 1.5 vs 2.0 at 4, 3.0 vs 2.0 at 6.
+INT8_MAX_ROWS = 4
 
 
 @dataclass
@@ -101,12 +104,14 @@ def _pack_int4(g: Int4Groups, chunk: int = 16384) -> tuple[torch.Tensor, torch.T
 
 
 class Linear(torch.nn.Module):
-    """y = x @ W.T (+ b), W held as packed int4 groups and/or a dense copy."""
+    """y = x @ W.T (+ b), W held as packed int4 groups and/or a dense copy (and, for
+    an output head whose leaders are recomputed exactly, an approximate int8 copy)."""
 
     def __init__(self, m: Matrix, mode: str, bias: np.ndarray | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = m.rows, m.cols
         self.int4: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.int8: tuple[torch.Tensor, torch.Tensor] | None = None  # see approximate_rows
         self.dense: torch.Tensor | None = None
         # torch's int4 packing works in tiles of 16 output rows
         if mode in ("auto", "int4") and m.int4 is not None and m.rows % 16 == 0:
@@ -120,8 +125,28 @@ class Linear(torch.nn.Module):
             None if bias is None else torch.from_numpy(bias.astype(np.float32)).to(act_dtype)
         )
 
+    def approximate_rows(self, chunk: int = 8192) -> None:
+        """Decode few rows through a per-row int8 copy when no single int4 term holds
+        the weight (Q8_0 needs two, Q6_K or F16 none). Only for an output head whose
+        leading logits are recomputed exactly (models/head.py): requantizing moves a
+        logit by at most ~0.5 on real text, inside head.MARGIN; the copy reads 28 MB
+        per token on SmolLM2 where the two int4 terms read 35 and bf16 56."""
+        if len(self.int4) == 1 or self.dense is None or self.dense.dtype != torch.bfloat16:
+            return
+        q = torch.empty(self.dense.shape, dtype=torch.int8)
+        scale = torch.empty(self.out_features)
+        for i in range(0, self.out_features, chunk):  # float32 temporaries stay small
+            w = self.dense[i : i + chunk].float()
+            scale[i : i + chunk] = w.abs().amax(1).clamp_min(1e-30) / 127
+            q[i : i + chunk] = torch.round(w / scale[i : i + chunk, None]).to(torch.int8)
+        self.int8, self.int4 = (q, scale.to(torch.bfloat16)), []
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
+        if self.int8 is not None and rows <= INT8_MAX_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), *self.int8)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         if self.dense is not None and (rows > self.int4_max_rows or not self.int4):
             return F.linear(x, self.dense, self.bias)
         x2 = x.reshape(-1, self.in_features)
@@ -133,6 +158,6 @@ class Linear(torch.nn.Module):
         return y if self.bias is None else y + self.bias
 
     def nbytes(self) -> int:
-        tensors = [t for pair in self.int4 for t in pair]
+        tensors = [t for pair in self.int4 for t in pair] + list(self.int8 or ())
         tensors += [t for t in (self.dense, self.bias) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
