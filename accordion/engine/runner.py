@@ -55,7 +55,7 @@ def run(model: Decoder, kv: KVCache, work: list[Work]) -> tuple[torch.Tensor, li
     if sampled:
         logits = model(batch, kv)
     else:  # prefill chunks that do not reach the end only fill the cache
-        model.hidden_states(batch, kv)
+        model.residual(batch, kv)
         logits = torch.empty(0)
     for w in work:
         w.seq.num_computed += w.n

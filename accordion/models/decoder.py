@@ -126,17 +126,19 @@ class Decoder(torch.nn.Module):
 
     def hidden_states(self, batch: ForwardBatch, kv: PagedKV) -> torch.Tensor:
         """Final-normed hidden states [T, hidden] (float32) of every token of the batch."""
-        return self.out_norm(self._residual(batch, kv))
+        return self.out_norm(self.residual(batch, kv))
 
     def forward(self, batch: ForwardBatch, kv: PagedKV) -> torch.Tensor:
         """Next-token logits (float32) for batch.sample_rows."""
-        h = self.out_norm(self._residual(batch, kv)[batch.sample_rows])
+        h = self.out_norm(self.residual(batch, kv)[batch.sample_rows])
         logits = self.lm_head(h.to(self.dtype)).float()
         if self.exact_head is not None:
             rescore(logits, h, self.exact_head)
         return logits
 
-    def _residual(self, batch: ForwardBatch, kv: PagedKV) -> torch.Tensor:
+    def residual(self, batch: ForwardBatch, kv: PagedKV) -> torch.Tensor:
+        """The residual stream [T, hidden] after the last block (float32), before the
+        final norm: what a step that only fills the cache needs."""
         x = self.embed[batch.tokens].float()  # the residual stream stays float32
         if self.cfg.embed_scale != 1.0:
             x = x * self.embed_scale

@@ -6,7 +6,8 @@ The int4 kernel needs bf16 activations and scales: with fp32 it is 20-50x
 slower. A weight may be a sum of int4 terms (Q8_0 is two): each term is one
 more kernel call, so such a weight switches to the dense GEMM at fewer rows.
 Types without an exact int4 form stay dense bf16: requantizing them per row to
-int8 was faster but cost measurable argmax agreement.
+int8 is faster but moves logits, so only an output head whose leading logits
+are recomputed exactly (models/head.py) gets an int8 copy.
 """
 
 from __future__ import annotations
@@ -143,17 +144,16 @@ class Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if self.int8 is not None and rows <= INT8_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), *self.int8)
-            y = y.view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        if self.dense is not None and (rows > self.int4_max_rows or not self.int4):
-            return F.linear(x, self.dense, self.bias)
         x2 = x.reshape(-1, self.in_features)
-        packed, scales_zeros = self.int4[0]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, 32, scales_zeros)
-        for packed, scales_zeros in self.int4[1:]:
-            y += torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, 32, scales_zeros)
+        if self.int8 is not None and rows <= INT8_MAX_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x2, *self.int8)
+        elif self.dense is not None and (rows > self.int4_max_rows or not self.int4):
+            return F.linear(x, self.dense, self.bias)
+        else:
+            packed, scales_zeros = self.int4[0]
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, 32, scales_zeros)
+            for packed, scales_zeros in self.int4[1:]:
+                y += torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, 32, scales_zeros)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
