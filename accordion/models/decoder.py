@@ -12,10 +12,11 @@ from typing import Protocol
 
 import torch
 
+from accordion import native
 from accordion.models.attention import AttentionBatch, attend, write_kv
 from accordion.models.config import ModelConfig
 from accordion.models.head import ExactRows, rescore
-from accordion.models.layers import ACTIVATIONS, RMSNorm, Rope, apply_rope
+from accordion.models.layers import ACTIVATIONS, RMSNorm, Rope, apply_rope, gelu_tanh
 from accordion.models.linear import Linear
 
 
@@ -67,6 +68,7 @@ class Block(torch.nn.Module):
         if w.post_attn_norm is not None and w.post_ffn_norm is not None:
             self.post_attn_norm = RMSNorm(w.post_attn_norm, eps)
             self.post_ffn_norm = RMSNorm(w.post_ffn_norm, eps)
+        self.use_native(True)
 
     def forward(
         self,
@@ -75,7 +77,25 @@ class Block(torch.nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor],
         batch: AttentionBatch,
     ) -> torch.Tensor:
+        q = self.queries(x, rope, kv, batch.slots)
+        o = attend(q, kv[0], kv[1], batch, self.cfg.attn_scale, self.window)
+        return self.finish(x, o)
+
+    def queries(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv: tuple[torch.Tensor, torch.Tensor],
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """Store the new tokens' K and V at `slots`; return their queries
+        [T, heads, head_dim] in the cache's dtype."""
         cfg, w, t = self.cfg, self.w, x.shape[0]
+        if self.native:
+            return torch.ops.accordion.block_queries(
+                x, *self._native_q, *rope, kv[0], kv[1], slots,
+                cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.dtype,
+            )  # fmt: skip
         # heads of Q, K and V side by side: [T, heads + 2 * kv_heads, head_dim]
         # norms read the float32 residual stream and hand the matmul its dtype
         heads = w.qkv(self.attn_norm(x, self.dtype)).view(t, -1, cfg.head_dim)
@@ -85,9 +105,16 @@ class Block(torch.nn.Module):
             qk = self.qk_norm(qk)
         qk = apply_rope(qk, *rope)  # one rotation serves Q and K
         q, k = qk[:, : cfg.n_heads], qk[:, cfg.n_heads :]
-        write_kv(kv[0], kv[1], k, v, batch.slots)
-        o = attend(q.to(kv[0].dtype), kv[0], kv[1], batch, cfg.attn_scale, self.window)
-        o = w.o(o.reshape(t, self.q_size).to(self.dtype))
+        write_kv(kv[0], kv[1], k, v, slots)
+        return q.to(kv[0].dtype)
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Attention output [T, heads, head_dim] through O and the MLP, each added to
+        the residual stream x (float32); returns the new stream."""
+        w, t = self.w, x.shape[0]
+        if self.native:
+            return torch.ops.accordion.block_finish(x, attn, *self._native_f, self.dtype)
+        o = w.o(attn.reshape(t, self.q_size).to(self.dtype))
         if self.post_attn_norm is not None:
             o = self.post_attn_norm(o.float())
         x = x + o  # float32 + bf16 is float32: the residual stream keeps its precision
@@ -97,6 +124,27 @@ class Block(torch.nn.Module):
         if self.post_ffn_norm is not None:
             o = self.post_ffn_norm(o.float())
         return x + o
+
+    def use_native(self, on: bool) -> None:
+        """Run queries and finish as the ops of native/block.cpp (same bits, fewer
+        interpreter round trips) when `on` and they are built."""
+        self.native = on and native.available()
+        if not self.native:
+            return
+        w = self.w
+
+        def lin(m: Linear) -> tuple[list[torch.Tensor | None], int]:
+            return m.native_terms(), m.int4_max_rows
+
+        def norm(n: RMSNorm | None) -> tuple[torch.Tensor | None, float]:
+            return (None, 0.0) if n is None else (n.weight, n.eps)
+
+        an, fn = self.attn_norm, self.ffn_norm
+        self._native_q = (an.weight, an.eps, *lin(w.qkv), *norm(self.qk_norm))
+        self._native_f = (
+            *lin(w.o), *norm(self.post_attn_norm), fn.weight, fn.eps, *lin(w.gate_up),
+            *lin(w.down), *norm(self.post_ffn_norm), self.act is gelu_tanh,
+        )  # fmt: skip
 
 
 class Decoder(torch.nn.Module):
@@ -119,6 +167,11 @@ class Decoder(torch.nn.Module):
         self.out_norm = RMSNorm(out_norm, cfg.norm_eps)
         self.lm_head, self.ropes = lm_head, ropes
         self.embed_scale = torch.tensor(cfg.embed_scale, dtype=dtype).float()
+
+    def use_native(self, on: bool) -> None:
+        """Every block on the native ops (when built) or on the Python path."""
+        for block in self.blocks:
+            block.use_native(on)
 
     def rope_base(self, index: int) -> float:
         local = self.cfg.window_layers[index]

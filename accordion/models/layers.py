@@ -16,6 +16,7 @@ class RMSNorm:
 
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         n = weight.shape[-1]
+        self.eps = eps
         self.weight = weight.float() * n**0.5
         self.n_eps = torch.tensor(n * eps, dtype=torch.float32)
 

@@ -157,6 +157,12 @@ class Linear(torch.nn.Module):
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
+    def native_terms(self) -> list[torch.Tensor | None]:
+        """[dense, bias, packed_0, scales_zeros_0, ...]: this layer as native/block.cpp
+        takes it (no int8 copy: that is only an output head's)."""
+        assert self.int8 is None
+        return [self.dense, self.bias, *(t for pair in self.int4 for t in pair)]
+
     def nbytes(self) -> int:
         tensors = [t for pair in self.int4 for t in pair] + list(self.int8 or ())
         tensors += [t for t in (self.dense, self.bias) if t is not None]

@@ -1,0 +1,194 @@
+// A transformer block's work around attention as two ops, for the decode steps
+// where kernel count, not arithmetic, sets the time. models/decoder.py's Python
+// (Block.queries, Block.finish) is the reference: the matrix products are the same
+// ATen calls; the element-wise work between them (norms, RoPE, the cache writes,
+// residual adds, casts) is one loop per stage here instead of a dozen kernels.
+// Results agree with the Python to float32 rounding (tests/test_native.py).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using Terms = c10::List<OptTensor>;
+
+namespace {
+
+// models/linear.py Linear.forward, its dense and int4 paths. `lin` holds
+// [dense, bias, packed_0, scales_zeros_0, packed_1, ...]; dense and bias may be None.
+Tensor linear(const Tensor& x, const Terms& lin, int64_t int4_max_rows) {
+  OptTensor dense = lin.get(0), bias = lin.get(1);
+  int64_t rows = x.size(0);
+  size_t n_int4 = (lin.size() - 2) / 2;
+  if (dense.has_value() && (rows > int4_max_rows || n_int4 == 0)) {
+    return at::linear(x, *dense, bias).contiguous();
+  }
+  Tensor y;
+  for (size_t i = 0; i < n_int4; ++i) {
+    Tensor part =
+        at::_weight_int4pack_mm_for_cpu(x, *lin.get(2 + 2 * i), 32, *lin.get(3 + 2 * i));
+    if (i == 0) {
+      y = part;
+    } else {
+      y.add_(part);
+    }
+  }
+  return bias.has_value() ? y + *bias : y;
+}
+
+// RMSNorm as models/layers.py writes it: x * rsqrt(sum(x^2) + n * eps) * w, where
+// w already carries sqrt(n). In place over n floats.
+inline void rms_norm(float* x, const float* w, float n_eps, int64_t n) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  float r = 1.f / std::sqrt(ss + n_eps);
+  for (int64_t i = 0; i < n; ++i) x[i] = x[i] * r * w[i];
+}
+
+template <typename T>
+inline void load(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+inline void store(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// x rotated in the rotate-half layout: x * cos + roll(x, d / 2) * sin (sin signed)
+inline void rope(const float* x, const float* cos, const float* sin, float* out, int64_t d) {
+  int64_t half = d / 2;
+  for (int64_t i = 0; i < d; ++i) out[i] = x[i] * cos[i] + x[(i + half) % d] * sin[i];
+}
+
+const float* opt_ptr(const OptTensor& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+}  // namespace
+
+// Block.queries: normed input through QKV, q/k norm, RoPE; K and V stored at
+// `slots`; returns the queries [T, heads, head_dim] in the cache's dtype.
+Tensor block_queries(const Tensor& x, const Tensor& norm_w, double norm_eps, const Terms& qkv,
+                     int64_t qkv_max_rows, const OptTensor& qk_norm_w, double qk_norm_eps,
+                     const Tensor& cos, const Tensor& sin, Tensor k_cache, Tensor v_cache,
+                     const Tensor& slots, int64_t n_heads, int64_t n_kv_heads, int64_t d,
+                     at::ScalarType dtype) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat, "x: contiguous float32");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "K and V caches differ");
+  int64_t t = x.size(0), hidden = x.size(1), n_qk = n_heads + n_kv_heads;
+  Tensor normed = at::empty({t, hidden}, x.options().dtype(dtype));
+  std::vector<float> row(std::max(hidden, d)), rot(d);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "block_queries_norm", [&] {
+    for (int64_t r = 0; r < t; ++r) {
+      load(x.data_ptr<float>() + r * hidden, row.data(), hidden);
+      rms_norm(row.data(), norm_w.data_ptr<float>(), norm_eps * hidden, hidden);
+      store(row.data(), normed.data_ptr<scalar_t>() + r * hidden, hidden);
+    }
+  });
+  Tensor heads = linear(normed, qkv, qkv_max_rows);  // [T, (heads + 2 kv_heads) * d]
+  TORCH_CHECK(heads.is_contiguous() && heads.size(1) == (n_qk + n_kv_heads) * d, "QKV shape");
+  Tensor q = at::empty({t, n_heads, d}, x.options().dtype(k_cache.scalar_type()));
+  const float* qk_w = opt_ptr(qk_norm_w);
+  const float *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  int64_t hs = k_cache.stride(0), ss = k_cache.stride(1);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "block_queries_heads", [&] {
+    using in_t = scalar_t;
+    const in_t* src = heads.data_ptr<in_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, k_cache.scalar_type(), "block_queries_kv", [&] {
+      scalar_t *qp = q.data_ptr<scalar_t>(), *kc = k_cache.data_ptr<scalar_t>(),
+               *vc = v_cache.data_ptr<scalar_t>();
+      for (int64_t r = 0; r < t; ++r) {
+        TORCH_CHECK(slot[r] >= 0 && slot[r] < k_cache.size(1), "slot out of range");
+        for (int64_t j = 0; j < n_qk + n_kv_heads; ++j) {
+          load(src + (r * (n_qk + n_kv_heads) + j) * d, row.data(), d);
+          if (j >= n_qk) {  // V goes to the cache as it is
+            store(row.data(), vc + (j - n_qk) * hs + slot[r] * ss, d);
+            continue;
+          }
+          if (qk_w != nullptr) rms_norm(row.data(), qk_w + j * d, qk_norm_eps * d, d);
+          rope(row.data(), cs + r * d, sn + r * d, rot.data(), d);
+          scalar_t* dst = j < n_heads ? qp + (r * n_heads + j) * d
+                                      : kc + (j - n_heads) * hs + slot[r] * ss;
+          store(rot.data(), dst, d);
+        }
+      }
+    });
+  });
+  return q;
+}
+
+// Block.finish: attention output [T, heads, head_dim] through O, the residual add,
+// then the MLP and its residual add; returns the new residual stream (float32).
+Tensor block_finish(const Tensor& x, const Tensor& attn, const Terms& o, int64_t o_max_rows,
+                    const OptTensor& post_attn_w, double post_attn_eps, const Tensor& ffn_w,
+                    double ffn_eps, const Terms& gate_up, int64_t gate_up_max_rows,
+                    const Terms& down, int64_t down_max_rows, const OptTensor& post_ffn_w,
+                    double post_ffn_eps, bool gelu, at::ScalarType dtype) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat, "x: contiguous float32");
+  int64_t t = x.size(0), hidden = x.size(1);
+  Tensor y = linear(attn.reshape({t, -1}).to(dtype).contiguous(), o, o_max_rows);
+  Tensor h = at::empty_like(x);
+  Tensor normed = at::empty({t, hidden}, x.options().dtype(dtype));
+  const float *pa = opt_ptr(post_attn_w), *pf = opt_ptr(post_ffn_w);
+  std::vector<float> row(hidden);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "block_finish_attn", [&] {
+    for (int64_t r = 0; r < t; ++r) {
+      load(y.data_ptr<scalar_t>() + r * hidden, row.data(), hidden);
+      if (pa != nullptr) rms_norm(row.data(), pa, post_attn_eps * hidden, hidden);
+      float* hr = h.data_ptr<float>() + r * hidden;
+      const float* xr = x.data_ptr<float>() + r * hidden;
+      for (int64_t i = 0; i < hidden; ++i) hr[i] = row[i] = xr[i] + row[i];
+      rms_norm(row.data(), ffn_w.data_ptr<float>(), ffn_eps * hidden, hidden);
+      store(row.data(), normed.data_ptr<scalar_t>() + r * hidden, hidden);
+    }
+  });
+  Tensor gu = linear(normed, gate_up, gate_up_max_rows);  // [T, 2 * ffn]
+  int64_t n = gu.size(1) / 2;
+  // a contiguous float32 copy of the gate, which the activation overwrites
+  Tensor g = gu.slice(1, 0, n).to(at::kFloat).contiguous();
+  g = gelu ? at::gelu_(g, "tanh") : at::silu_(g);  // ATen's vectorized exp and tanh
+  Tensor mixed = at::empty({t, n}, x.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "block_finish_mix", [&] {
+    const scalar_t* up = gu.data_ptr<scalar_t>();
+    const float* act = g.data_ptr<float>();
+    scalar_t* m = mixed.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < t; ++r) {
+      for (int64_t i = 0; i < n; ++i) {
+        m[r * n + i] = static_cast<scalar_t>(act[r * n + i] * static_cast<float>(up[r * 2 * n + n + i]));
+      }
+    }
+  });
+  Tensor dn = linear(mixed, down, down_max_rows);
+  Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "block_finish_mlp", [&] {
+    for (int64_t r = 0; r < t; ++r) {
+      load(dn.data_ptr<scalar_t>() + r * hidden, row.data(), hidden);
+      if (pf != nullptr) rms_norm(row.data(), pf, post_ffn_eps * hidden, hidden);
+      const float* hr = h.data_ptr<float>() + r * hidden;
+      float* outr = out.data_ptr<float>() + r * hidden;
+      for (int64_t i = 0; i < hidden; ++i) outr[i] = hr[i] + row[i];
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY(accordion, m) {
+  m.def(
+      "block_queries(Tensor x, Tensor norm_w, float norm_eps, Tensor?[] qkv, int qkv_max_rows,"
+      " Tensor? qk_norm_w, float qk_norm_eps, Tensor cos, Tensor sin, Tensor(a!) k_cache,"
+      " Tensor(b!) v_cache, Tensor slots, int n_heads, int n_kv_heads, int head_dim,"
+      " ScalarType dtype) -> Tensor");
+  m.def(
+      "block_finish(Tensor x, Tensor attn, Tensor?[] o, int o_max_rows, Tensor? post_attn_w,"
+      " float post_attn_eps, Tensor ffn_w, float ffn_eps, Tensor?[] gate_up,"
+      " int gate_up_max_rows, Tensor?[] down, int down_max_rows, Tensor? post_ffn_w,"
+      " float post_ffn_eps, bool gelu, ScalarType dtype) -> Tensor");
+  m.impl("block_queries", c10::DispatchKey::CompositeImplicitAutograd, &block_queries);
+  m.impl("block_finish", c10::DispatchKey::CompositeImplicitAutograd, &block_finish);
+}
