@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_SPECS, paged_logits
+from conftest import TINY_SPECS, PlainKV, paged_logits
 
 from accordion import native
 from accordion.loader.gguf_file import open_gguf
+from accordion.models.attention import AttentionBatch, SeqSlice
 from accordion.models.build import build_decoder
 from accordion.models.config import config_from_gguf
+from accordion.models.decoder import Decoder, ForwardBatch
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("ACCORDION_NATIVE") == "0", reason="native ops switched off"
@@ -44,9 +46,67 @@ def test_native_blocks_give_the_python_bits(tiny_dir: Path, arch: str, mode: str
         fast = paged_logits(decoder, cfg, ids, 4, blocks, chunk)
         decoder.use_native(False)
         slow = paged_logits(decoder, cfg, ids, 4, blocks, chunk)
-        if mode == "fp32":
-            torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-4)
-        else:
-            step = 2.0 ** (torch.log2(slow.abs().max()).floor() - 7)  # bf16 spacing at the top
-            assert (fast - slow).abs().max() <= step, f"chunk {chunk}"
-            assert torch.equal(fast.argmax(-1), slow.argmax(-1))
+        assert_agree(fast, slow, mode)
+
+
+@pytest.mark.parametrize("arch", list(TINY_SPECS))
+@pytest.mark.parametrize("mode", ["auto", "fp32"])
+def test_native_decode_attention_reads_scattered_blocks(
+    tiny_dir: Path, arch: str, mode: str
+) -> None:
+    """Several sequences decode in one step, their blocks interleaved in the pool (as
+    growth leaves them): the native kernel reads them in place and gives what the
+    gather and scaled_dot_product_attention give."""
+    gf = open_gguf(tiny_dir / f"{arch}.gguf")
+    cfg = config_from_gguf(gf)
+    decoder = build_decoder(gf, cfg, mode)
+    bs, lengths = 4, [9, 14, 3, 22]
+    kv = PlainKV(cfg, 64, bs, decoder.dtype)
+    rng = random.Random(7)
+    free = rng.sample(range(64), 64)  # scattered, shared out one block at a time
+    tables = [[free.pop() for _ in range(-(-(n + 1) // bs))] for n in lengths]
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in lengths]
+    with torch.inference_mode():
+        for ids, table in zip(prompts, tables, strict=True):  # fill each cache alone
+            run_step(decoder, kv, [(ids, 0, table)], bs)
+        pairs = zip(prompts, tables, strict=True)
+        step = [(ids + [rng.randrange(256)], len(ids), table) for ids, table in pairs]
+        logits = {}
+        for on in (True, False):
+            decoder.use_native(on)
+            logits[on] = run_step(decoder, kv, step, bs)
+    assert_agree(logits[True], logits[False], mode)
+    assert not torch.equal(logits[True][0], logits[True][1])
+
+
+def assert_agree(fast: torch.Tensor, slow: torch.Tensor, mode: str) -> None:
+    """float32 to rounding; with bf16 activations within one bf16 step of the largest
+    logit, and the same argmax."""
+    if mode == "fp32":
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    else:
+        step = 2.0 ** (torch.log2(slow.abs().max()).floor() - 7)
+        assert (fast - slow).abs().max() <= step
+        assert torch.equal(fast.argmax(-1), slow.argmax(-1))
+
+
+Step = list[tuple[list[int], int, list[int]]]
+
+
+def run_step(decoder: Decoder, kv: PlainKV, seqs: Step, bs: int) -> torch.Tensor:
+    """One forward over (tokens, first new position, block table) per sequence;
+    returns the last position's logits of each."""
+    tokens, positions, slots, slices = [], [], [], []
+    for ids, start, table in seqs:
+        slices.append(SeqSlice(len(tokens), len(ids) - start, len(ids), table))
+        for p in range(start, len(ids)):
+            tokens.append(ids[p])
+            positions.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+    batch = ForwardBatch(
+        tokens=torch.tensor(tokens),
+        positions=torch.tensor(positions),
+        attn=[AttentionBatch(torch.tensor(slots), slices, bs)],
+        sample_rows=torch.tensor([s.q_start + s.q_len - 1 for s in slices]),
+    )
+    return decoder(batch, kv)

@@ -6,11 +6,13 @@ then each sequence attends to its own blocks. A layer's cache is head-major,
 [kv_heads, slots, head_dim] with slot = block * block_size + offset. On CPU we
 take a view when a sequence's blocks are consecutive in the pool (the common
 case: the pool extends a sequence with the block after its last), and call
-`scaled_dot_product_attention`. A decode token whose table is a few runs
-attends to each run through a view and merges the parts by their log-sum-exp;
-only what is more scattered is gathered (a copy of the whole context, which at
-4k tokens costs as much as the attention itself). A CUDA backend would replace
-`attend` with a paged kernel reading the same block tables.
+`scaled_dot_product_attention`. Decode tokens, one per sequence, go to the
+native paged kernel (native/attention.cpp), which reads every block where it
+lies. Without it, a decode token whose table is a few runs attends to each run
+through a view and merges the parts by their log-sum-exp, and what is more
+scattered is gathered (a copy of the whole context, which at 4k tokens costs as
+much as the attention itself). A CUDA backend would replace `attend` with a
+paged kernel reading the same block tables.
 """
 
 from __future__ import annotations
@@ -19,6 +21,18 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from accordion.models.batched_decode import (
+    DecodeGather,
+    PagedDecode,
+    attend_gathered_into,
+    attend_paged,
+    attend_paged_into,
+    decode_gather,
+    gather_slots,
+    kernel_fits,
+    paged_decode,
+)
 
 MAX_RUNS = 4  # runs of blocks a decode token reads through views; past this, gather
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # also returns the LSE
@@ -71,7 +85,9 @@ class AttentionBatch:
     seqs: list[SeqSlice]
     block_size: int
     _masks: dict[tuple[int, int], torch.Tensor | None] = field(default_factory=dict, repr=False)
-    _decode: dict[int, DecodeGather | None] = field(default_factory=dict, repr=False)
+    # per window, built on first use and shared by all layers (see batched_decode)
+    gather_plans: dict[int, DecodeGather | None] = field(default_factory=dict, repr=False)
+    paged_plans: dict[int, PagedDecode | None] = field(default_factory=dict, repr=False)
 
     def key_range(self, s: SeqSlice, window: int) -> tuple[int, int]:
         """Absolute positions [lo, hi) of the keys any new token of `s` may see."""
@@ -101,48 +117,6 @@ class AttentionBatch:
         return self._masks[key]
 
 
-@dataclass
-class DecodeGather:
-    """Decode sequences (one new token each) attended in one padded batch.
-
-    Only sequences whose blocks are not one run are gathered: the others attend
-    through views, which copies nothing (a per-sequence call costs about as much
-    as the gather at 300 keys and less beyond). A lone scattered sequence merges
-    its runs instead (see _attend_one).
-    """
-
-    members: list[int]  # indices into AttentionBatch.seqs
-    rows: torch.Tensor  # long [B]: their rows in the flat batch
-    slots: torch.Tensor  # long [B * L]: cache slot of each key, padded with slot 0
-    mask: torch.Tensor  # bool [B, 1, 1, L]: real keys
-    width: int  # L
-
-
-def decode_gather(batch: AttentionBatch, window: int) -> DecodeGather | None:
-    """Built once per step and window, shared by all layers; None for fewer than 2."""
-    if window in batch._decode:
-        return batch._decode[window]
-    members = [
-        i for i, s in enumerate(batch.seqs) if s.q_len == 1 and len(batch.spans(s, window)) > 1
-    ]
-    gather = None
-    if len(members) >= 2:
-        spans = []
-        for i in members:
-            s = batch.seqs[i]
-            spans.append(s.key_slots(*batch.key_range(s, window), batch.block_size))
-        width = max(len(x) for x in spans)
-        slots = torch.zeros(len(spans), width, dtype=torch.long)
-        mask = torch.zeros(len(spans), 1, 1, width, dtype=torch.bool)
-        for j, x in enumerate(spans):
-            slots[j, : len(x)] = x
-            mask[j, ..., : len(x)] = True
-        rows = torch.tensor([batch.seqs[i].q_start for i in members], dtype=torch.long)
-        gather = DecodeGather(members, rows, slots.view(-1), mask, width)
-    batch._decode[window] = gather
-    return gather
-
-
 def write_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -163,14 +137,6 @@ def _keys(cache: torch.Tensor, s: SeqSlice, lo: int, hi: int, block_size: int) -
     return gather_slots(cache, s.key_slots(lo, hi, block_size)).unsqueeze(0)
 
 
-def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """cache[:, slots] as a new [kv_heads, len(slots), head_dim] tensor."""
-    out = cache.new_empty(cache.shape[0], len(slots), cache.shape[2])
-    for h in range(cache.shape[0]):  # a head at a time: 2x faster than index_select on dim 1
-        torch.index_select(cache[h], 0, slots, out=out[h])
-    return out
-
-
 def attend(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -178,31 +144,22 @@ def attend(
     batch: AttentionBatch,
     scale: float,
     window: int = 0,
+    native: bool = False,
 ) -> torch.Tensor:
-    """q [T, heads, head_dim] -> [T, heads, head_dim] attending over each sequence's cache."""
+    """q [T, heads, head_dim] -> [T, heads, head_dim] attending over each sequence's cache.
+    `native`: decode tokens go to native/attention.cpp, alone or batched (the same
+    kernel either way, so a sequence's numbers do not depend on its batch)."""
+    kernel = native and kernel_fits(q, k_cache)
+    plan = paged_decode(batch, window) if kernel else None
+    if plan is not None and plan.rows is None:  # a step of decode tokens only
+        return attend_paged(q, k_cache, v_cache, plan, scale)
     if len(batch.seqs) == 1:  # one sequence: its output is the whole output, no copy
         return _attend_one(q, k_cache, v_cache, batch, 0, scale, window).transpose(0, 1)
     out = torch.empty_like(q)
-    done: set[int] = set()
-    gather = decode_gather(batch, window)
-    if gather is not None:  # every decode token in one call: one gather, one kernel
-        n_kv, b, d = k_cache.shape[0], len(gather.members), k_cache.shape[-1]
-
-        def gathered(cache: torch.Tensor) -> torch.Tensor:  # [B, kv_heads, L, head_dim]
-            keys = gather_slots(cache, gather.slots)
-            return keys.view(n_kv, b, gather.width, d).transpose(0, 1)
-
-        qs = q.index_select(0, gather.rows).unsqueeze(2)  # [B, heads, 1, d]
-        o = F.scaled_dot_product_attention(
-            qs,
-            gathered(k_cache),
-            gathered(v_cache),
-            attn_mask=gather.mask,
-            scale=scale,
-            enable_gqa=True,
-        )
-        out.index_copy_(0, gather.rows, o.squeeze(2))
-        done.update(gather.members)
+    if kernel:
+        done = attend_paged_into(out, q, k_cache, v_cache, plan, scale)
+    else:
+        done = attend_gathered_into(out, q, k_cache, v_cache, decode_gather(batch, window), scale)
     for i, s in enumerate(batch.seqs):
         if i not in done:
             o = _attend_one(q, k_cache, v_cache, batch, i, scale, window)

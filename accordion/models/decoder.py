@@ -78,7 +78,7 @@ class Block(torch.nn.Module):
         batch: AttentionBatch,
     ) -> torch.Tensor:
         q = self.queries(x, rope, kv, batch.slots)
-        o = attend(q, kv[0], kv[1], batch, self.cfg.attn_scale, self.window)
+        o = attend(q, kv[0], kv[1], batch, self.cfg.attn_scale, self.window, self.native)
         return self.finish(x, o)
 
     def queries(

@@ -1,11 +1,12 @@
 """Native ops: C++ that calls ATen with no interpreter between kernels.
 
-`block.cpp` holds a transformer block's work around attention as two ops (see
-its header). It is compiled with the machine's g++ against the installed torch
-the first time it is wanted (about 8 s), cached under the accordion cache
-directory by a hash of the source, torch version and flags, and loaded with
-`torch.ops.load_library`. `make setup` builds it ahead. Without a compiler, or
-with ACCORDION_NATIVE=0, everything runs the equivalent Python.
+`block.cpp` holds a transformer block's work around attention as two ops and
+`attention.cpp` a paged decode attention (see their headers). They are compiled
+with the machine's g++ against the installed torch the first time they are
+wanted (about 20 s), cached under the accordion cache directory by a hash of the
+sources, torch version, flags and CPU, and loaded with `torch.ops.load_library`.
+`make setup` builds them ahead. Without a compiler, or with ACCORDION_NATIVE=0,
+everything runs the equivalent Python.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -24,7 +26,7 @@ from accordion.loader.gguf_file import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("block.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("block.cpp", "attention.cpp")]
 _state: dict[str, bool] = {}
 
 
@@ -33,6 +35,8 @@ def _flags() -> list[str]:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [
         "-O3",
+        "-march=native",  # the library is built on, and cached for, the machine using it
+        "-fopenmp",  # at::parallel_for is OpenMP in torch's CPU build
         "-std=c++20",
         "-shared",
         "-fPIC",
@@ -48,15 +52,27 @@ def _flags() -> list[str]:
 
 
 def library_path() -> Path:
-    """Where the compiled library for this source, torch and flag set lives."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    """Where the library for these sources, torch, flags and CPU lives."""
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
     digest.update(torch.__version__.encode())
     digest.update(" ".join(_flags()).encode())
-    return cache_root() / "native" / f"block-{digest.hexdigest()[:16]}.so"
+    digest.update(_cpu_flags().encode())
+    return cache_root() / "native" / f"accordion-{digest.hexdigest()[:16]}.so"
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags: -march=native code must not run on another CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), platform.processor())
+    except OSError:
+        return platform.processor()
 
 
 def build() -> Path:
-    """Compile block.cpp unless already built; raises RuntimeError on failure."""
+    """Compile the sources unless already built; raises RuntimeError on failure."""
     out = library_path()
     if out.exists():
         return out
@@ -69,10 +85,10 @@ def build() -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, str(SOURCE), "-o", tmp, *_flags()], capture_output=True, text=True
+            [compiler, *map(str, SOURCES), "-o", tmp, *_flags()], capture_output=True, text=True
         )
         if done.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+            raise RuntimeError(f"compiling the native ops failed:\n{done.stderr[-2000:]}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
