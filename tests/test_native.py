@@ -49,6 +49,24 @@ def test_native_blocks_give_the_python_bits(tiny_dir: Path, arch: str, mode: str
         assert_agree(fast, slow, mode)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("mode", ["auto", "fp32"])
+def test_native_decode_attention_splits_long_contexts(tiny_dir: Path, arch: str, mode: str) -> None:
+    """Past 256 keys the kernel cuts a context in parts run on different threads and
+    merges them: 1,000 keys over scattered blocks, the last position a decode step."""
+    gf = open_gguf(tiny_dir / f"{arch}.gguf")
+    cfg = config_from_gguf(gf)
+    decoder = build_decoder(gf, cfg, mode)
+    rng = random.Random(3)
+    ids = [rng.randrange(256) for _ in range(1000)]
+    blocks = rng.sample(range(400), 63)  # 63 blocks of 16, in no order
+    logits = {}
+    for on in (True, False):
+        decoder.use_native(on)
+        logits[on] = paged_logits(decoder, cfg, ids, 16, blocks, 999)[-1:]
+    assert_agree(logits[True], logits[False], mode)
+
+
 @pytest.mark.parametrize("arch", list(TINY_SPECS))
 @pytest.mark.parametrize("mode", ["auto", "fp32"])
 def test_native_decode_attention_reads_scattered_blocks(

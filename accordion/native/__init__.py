@@ -90,6 +90,9 @@ def build() -> Path:
         if done.returncode != 0:
             raise RuntimeError(f"compiling the native ops failed:\n{done.stderr[-2000:]}")
         os.replace(tmp, out)
+        for old in out.parent.glob("accordion-*.so"):  # builds of older sources
+            if old != out:
+                old.unlink(missing_ok=True)  # a process that mapped it keeps its copy
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -1,10 +1,12 @@
 // Paged decode attention: one query token per sequence reads its keys and values
 // straight from the block-paged cache, run by run, with nothing gathered and one
-// call per layer for the whole batch. Written with GCC's vector extensions (16
-// floats, an AVX-512 register where there is one) so the arithmetic is vector
-// code whatever the auto-vectorizer decides. Needs head_dim a multiple of 16;
-// models/attention.py checks that and otherwise gathers and calls
-// scaled_dot_product_attention, the reference the tests compare against.
+// call per layer for the whole batch. A long context is cut in parts that run on
+// different threads and merge by their softmax maxima (as flash-decoding does).
+// Written with GCC's vector extensions (16 floats, an AVX-512 register where
+// there is one) so the arithmetic is vector code whatever the auto-vectorizer
+// decides. head_dim must be 16, 32, 64, 128 or 256; models/batched_decode.py
+// checks that and otherwise gathers and calls scaled_dot_product_attention, the
+// reference the tests compare against.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -59,67 +61,176 @@ inline f16v exp_nonpositive(f16v x) {
   return p * reinterpret_cast<f16v&>(bits);
 }
 
-// The `group` query heads q [group, d] that share one kv head, over the rows
-// spans[0:n_spans] of that head's K and V ([slots, d], rows contiguous).
-constexpr int64_t MAX_GROUP = 16, MAX_CHUNKS = 16;  // head_dim up to 256
+// reduce16(v)[i] = sum of v[i]'s lanes, for sixteen vectors at once: four rounds
+// that each add the two halves of every vector's partial sums, two vectors into
+// one; 15 adds and 30 shuffles where one vector at a time takes 64 and 64.
+template <int M>  // partial sums per vector before this round
+inline f16v fold(f16v a, f16v b) {
+  if constexpr (M == 16) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22,
+                                   23) +
+           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
+                                   30, 31);
+  } else if constexpr (M == 8) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26,
+                                   27) +
+           __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
+                                   31);
+  } else if constexpr (M == 4) {
+    return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28,
+                                   29) +
+           __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
+                                   31);
+  } else {
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
+                                   30) +
+           __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29,
+                                   31);
+  }
+}
 
-template <typename T>
-void attend_group(const T* q, const T* k, const T* v, int64_t d, const int64_t* spans,
-                  int64_t n_spans, int64_t group, float scale, T* out,
-                  std::vector<float>& scores) {
-  int64_t chunks = d / W, n_keys = 0;
-  for (int64_t i = 0; i < n_spans; ++i) n_keys += spans[2 * i + 1] - spans[2 * i];
-  int64_t stride = (n_keys + W - 1) / W * W;  // each head's scores padded to whole vectors
-  scores.assign(group * stride, -INFINITY);
-  // locals, not heap: the compiler then knows they alias nothing and keeps them close
-  f16v qv[MAX_GROUP * MAX_CHUNKS];   // [group, chunks] scaled queries
-  f16v acc[MAX_GROUP * MAX_CHUNKS];  // [group, chunks] weighted sums of V
-  f16v row[MAX_CHUNKS];              // one key or value row
+inline f16v reduce16(f16v* v) {
+  for (int i = 0; i < 8; ++i) v[i] = fold<16>(v[2 * i], v[2 * i + 1]);
+  for (int i = 0; i < 4; ++i) v[i] = fold<8>(v[2 * i], v[2 * i + 1]);
+  for (int i = 0; i < 2; ++i) v[i] = fold<4>(v[2 * i], v[2 * i + 1]);
+  return fold<2>(v[0], v[1]);
+}
+
+constexpr int64_t MAX_GROUP = 16;
+constexpr int64_t PART = 256;  // keys per task: a long context spreads over the threads
+
+// Calls fn(slot, l) for the keys l in [lo, hi) of a sequence whose keys are the slot
+// ranges spans[0:n_spans] in order.
+template <typename F>
+inline void for_keys(const int64_t* spans, int64_t n_spans, int64_t lo, int64_t hi, F fn) {
+  int64_t base = 0;
+  for (int64_t i = 0; i < n_spans && base < hi; ++i) {
+    int64_t a = spans[2 * i], n = spans[2 * i + 1] - a;
+    for (int64_t l = std::max(lo, base); l < std::min(hi, base + n); ++l) fn(a + l - base, l - lo);
+    base += n;
+  }
+}
+
+// Keys [lo, hi) of one sequence for the `group` query heads q [group, d] sharing
+// one kv head (K and V rows [slots, d], contiguous). Writes, per query head, the
+// running maximum, the sum of exp(score - maximum) and the unnormalized output:
+// part[j * (d + 2) + ...] = {max, sum, out[0:d]}; parts are merged afterwards.
+template <typename T, int C>  // C = d / 16
+void attend_part(const T* q, const T* k, const T* v, const int64_t* spans, int64_t n_spans,
+                 int64_t lo, int64_t hi, int64_t group, float scale, float* part,
+                 std::vector<float>& scores) {
+  constexpr int64_t d = C * W;
+  int64_t n = hi - lo, stride = (n + W - 1) / W * W;
+  scores.resize(group * stride);
+  f16v qv[MAX_GROUP][C], dots[MAX_GROUP][W], row[C];
   for (int64_t j = 0; j < group; ++j) {
-    for (int64_t c = 0; c < chunks; ++c) qv[j * chunks + c] = load(q + j * d + c * W) * scale;
+    for (int c = 0; c < C; ++c) qv[j][c] = load(q + j * d + c * W) * scale;
   }
-  int64_t l = 0;
-  for (int64_t i = 0; i < n_spans; ++i) {
-    for (int64_t s = spans[2 * i]; s < spans[2 * i + 1]; ++s, ++l) {
-      for (int64_t c = 0; c < chunks; ++c) row[c] = load(k + s * d + c * W);
-      for (int64_t j = 0; j < group; ++j) {
-        f16v dot = qv[j * chunks] * row[0];
-        for (int64_t c = 1; c < chunks; ++c) dot += qv[j * chunks + c] * row[c];
-        scores[j * stride + l] = sum(dot);
-      }
+  int fill = 0;
+  auto flush = [&](int64_t end) {  // scores of keys [end - fill, end) from their dots
+    for (int64_t j = 0; j < group; ++j) {
+      for (int f = fill; f < W; ++f) dots[j][f] = f16v{};
+      f16v r = reduce16(dots[j]);
+      std::memcpy(scores.data() + j * stride + end - fill, &r, sizeof r);
     }
-  }
-  std::vector<float> total(group);
-  for (int64_t j = 0; j < group; ++j) {  // softmax numerators, padding gives exp(-87) ~ 0
+    fill = 0;
+  };
+  for_keys(spans, n_spans, lo, hi, [&](int64_t slot, int64_t l) {
+    for (int c = 0; c < C; ++c) row[c] = load(k + slot * d + c * W);
+    for (int64_t j = 0; j < group; ++j) {
+      f16v dot = qv[j][0] * row[0];
+      for (int c = 1; c < C; ++c) dot += qv[j][c] * row[c];
+      dots[j][fill] = dot;
+    }
+    if (++fill == W) flush(l + 1);
+  });
+  if (fill > 0) flush(n);
+  for (int64_t j = 0; j < group; ++j) {  // softmax numerators; padding lanes count 0
     float* sj = scores.data() + j * stride;
-    float top = *std::max_element(sj, sj + n_keys);
+    float top = *std::max_element(sj, sj + n);
     f16v run = {};
     for (int64_t m = 0; m < stride; m += W) {
       f16v e = exp_nonpositive(load(sj + m) - top);
-      if (m + W > n_keys) {
-        for (int64_t z = n_keys - m; z < W; ++z) e[z] = 0.f;
-      }
+      for (int64_t z = n - m; z < W; ++z) e[z] = 0.f;
       std::memcpy(sj + m, &e, sizeof e);
       run += e;
     }
-    total[j] = sum(run);
-    for (int64_t c = 0; c < chunks; ++c) acc[j * chunks + c] = f16v{};
+    part[j * (d + 2)] = top;
+    part[j * (d + 2) + 1] = sum(run);
   }
-  l = 0;
-  for (int64_t i = 0; i < n_spans; ++i) {
-    for (int64_t s = spans[2 * i]; s < spans[2 * i + 1]; ++s, ++l) {
-      for (int64_t c = 0; c < chunks; ++c) row[c] = load(v + s * d + c * W);
-      for (int64_t j = 0; j < group; ++j) {
-        float p = scores[j * stride + l];
-        for (int64_t c = 0; c < chunks; ++c) acc[j * chunks + c] += p * row[c];
-      }
+  f16v acc[MAX_GROUP][C] = {};
+  for_keys(spans, n_spans, lo, hi, [&](int64_t slot, int64_t l) {
+    for (int c = 0; c < C; ++c) row[c] = load(v + slot * d + c * W);
+    for (int64_t j = 0; j < group; ++j) {
+      float p = scores[j * stride + l];
+      for (int c = 0; c < C; ++c) acc[j][c] += p * row[c];
     }
+  });
+  for (int64_t j = 0; j < group; ++j) std::memcpy(part + j * (d + 2) + 2, acc[j], d * 4);
+}
+
+template <typename T>
+using PartFn = void (*)(const T*, const T*, const T*, const int64_t*, int64_t, int64_t, int64_t,
+                        int64_t, float, float*, std::vector<float>&);
+
+template <typename T>
+PartFn<T> part_fn(int64_t d) {
+  switch (d) {
+    case 16: return attend_part<T, 1>;
+    case 32: return attend_part<T, 2>;
+    case 64: return attend_part<T, 4>;
+    case 128: return attend_part<T, 8>;
+    case 256: return attend_part<T, 16>;
+    default: TORCH_CHECK(false, "head_dim must be 16, 32, 64, 128 or 256");
   }
-  for (int64_t j = 0; j < group; ++j) {
-    float inv = 1.f / total[j];
-    for (int64_t c = 0; c < chunks; ++c) {
-      f16v o = acc[j * chunks + c] * inv;
-      for (int e = 0; e < W; ++e) out[j * d + c * W + e] = static_cast<T>(o[e]);
+}
+
+// Each sequence's keys are cut in parts of PART; every (sequence, kv head, part) is
+// a task, run in parallel; then each query head's parts merge by their maxima.
+template <typename T>
+void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const int64_t* first,
+         int64_t b, int64_t heads, int64_t kv_heads, int64_t d, int64_t hs, float scale) {
+  int64_t group = heads / kv_heads;
+  std::vector<int64_t> task_seq, task_lo;
+  std::vector<int64_t> seq_parts(b + 1, 0);
+  for (int64_t i = 0; i < b; ++i) {
+    int64_t n = 0;
+    for (int64_t s = first[i]; s < first[i + 1]; ++s) n += span[2 * s + 1] - span[2 * s];
+    for (int64_t lo = 0; lo < n; lo += PART) {
+      task_seq.push_back(i);
+      task_lo.push_back(lo);
+    }
+    seq_parts[i + 1] = task_seq.size();
+  }
+  int64_t tasks = task_seq.size(), per = group * (d + 2);
+  std::vector<float> parts(tasks * kv_heads * per);
+  PartFn<T> fn = part_fn<T>(d);
+  at::parallel_for(0, tasks * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t task = t / kv_heads, g = t % kv_heads, i = task_seq[task];
+      const int64_t* own = span + 2 * first[i];
+      int64_t n_spans = first[i + 1] - first[i], n = 0;
+      for (int64_t s = 0; s < n_spans; ++s) n += own[2 * s + 1] - own[2 * s];
+      fn(q + (i * heads + g * group) * d, k + g * hs, v + g * hs, own, n_spans, task_lo[task],
+         std::min(n, task_lo[task] + PART), group, scale, parts.data() + t * per, scores);
+    }
+  });
+  std::vector<float> o(d);
+  for (int64_t i = 0; i < b; ++i) {
+    for (int64_t h = 0; h < heads; ++h) {
+      int64_t g = h / group, j = h % group;
+      auto at = [&](int64_t task) { return parts.data() + (task * kv_heads + g) * per + j * (d + 2); };
+      float top = -INFINITY, total = 0.f;
+      for (int64_t task = seq_parts[i]; task < seq_parts[i + 1]; ++task) top = std::max(top, at(task)[0]);
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t task = seq_parts[i]; task < seq_parts[i + 1]; ++task) {
+        const float* p = at(task);
+        float w = std::exp(p[0] - top);
+        total += w * p[1];
+        for (int64_t c = 0; c < d; ++c) o[c] += w * p[2 + c];
+      }
+      for (int64_t c = 0; c < d; ++c) out[(i * heads + h) * d + c] = static_cast<T>(o[c] / total);
     }
   }
 }
@@ -143,7 +254,7 @@ Tensor decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_
   Tensor qc = q.contiguous(), sp = spans.contiguous(), off = offsets.contiguous();
   int64_t b = qc.size(0), heads = qc.size(1), d = qc.size(2), kv_heads = k_cache.size(0);
   int64_t group = heads / kv_heads, slots = k_cache.size(1);
-  TORCH_CHECK(d % W == 0 && d / W <= MAX_CHUNKS, "head_dim: a multiple of 16, at most 256");
+  TORCH_CHECK(d == 16 || d == 32 || d == 64 || d == 128 || d == 256, "head_dim");
   TORCH_CHECK(group <= MAX_GROUP, "at most 16 query heads per kv head");
   TORCH_CHECK(group * kv_heads == heads && off.numel() == b + 1, "heads or offsets");
   const int64_t* span = sp.data_ptr<int64_t>();
@@ -156,25 +267,15 @@ Tensor decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_
   for (int64_t i = 0; i < b; ++i) TORCH_CHECK(first[i] < first[i + 1], "a query without keys");
   Tensor out = at::empty_like(qc);
   int64_t hs = k_cache.stride(0);
-  auto run = [&](auto* qp, auto* kp, auto* vp, auto* op) {
-    at::parallel_for(0, b * kv_heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores;
-      for (int64_t task = begin; task < end; ++task) {
-        int64_t i = task / kv_heads, g = task % kv_heads;
-        int64_t row = (i * heads + g * group) * d;
-        attend_group(qp + row, kp + g * hs, vp + g * hs, d, span + 2 * first[i],
-                     first[i + 1] - first[i], group, static_cast<float>(scale), op + row,
-                     scores);
-      }
-    });
-  };
+  auto f = static_cast<float>(scale);
   if (q.scalar_type() == at::kBFloat16) {
-    run(qc.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
-        v_cache.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>());
+    using B = c10::BFloat16;
+    run(qc.data_ptr<B>(), k_cache.data_ptr<B>(), v_cache.data_ptr<B>(), out.data_ptr<B>(), span,
+        first, b, heads, kv_heads, d, hs, f);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "bfloat16 or float32 only");
     run(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-        out.data_ptr<float>());
+        out.data_ptr<float>(), span, first, b, heads, kv_heads, d, hs, f);
   }
   return out;
 }
