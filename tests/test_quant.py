@@ -9,9 +9,10 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
+from accordion import native
 from accordion.models import linear
 from accordion.models.build import unpermute_order
-from accordion.models.linear import INT4_MAX_ROWS, INT8_MAX_ROWS, Linear, Matrix, stack_rows
+from accordion.models.linear import INT4_MAX_ROWS, Linear, Matrix, stack_rows
 from accordion.models.quant import int4_terms
 
 Q = GGMLQuantizationType
@@ -273,14 +274,22 @@ def test_approximate_rows_serves_few_rows_from_int8(dense_calls: list[int]) -> N
     head = Linear(as_matrix(raw, Q.Q8_0, n, k), "auto")
     head.approximate_rows()
     assert head.int8 is not None and not head.int4  # replaces the two int4 terms
-    assert head.int8[0].dtype == torch.int8 and head.int8[0].shape == (n, k)
+    assert head.int8[0].dtype == torch.int8 and head.int8[0].numel() == n * k
+    top = head.int8_max_rows
     gen = torch.Generator().manual_seed(5)
-    for rows in (1, INT8_MAX_ROWS, INT8_MAX_ROWS + 1):
+    for rows in (1, top, top + 1):
         dense_calls.clear()
         x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
         ref = x.double() @ torch.from_numpy(w).double().T
         assert rel_err(head(x), ref) < TOL["auto"]
-        assert bool(dense_calls) == (rows > INT8_MAX_ROWS)
+        assert bool(dense_calls) == (rows > top)
+    if native.available():  # the native blocks give what torch's int8 kernel gives
+        q, scale = head.int8
+        flat = q.transpose(1, 2).reshape(n, k).contiguous()
+        for rows in (1, 3, 5, 12):
+            x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+            theirs = torch.ops.aten._weight_int8pack_mm(x, flat, scale.to(torch.bfloat16))
+            torch.testing.assert_close(head(x), theirs.float(), rtol=1e-2, atol=1e-2)
     one_term = Linear(qmatrix(n, k, Q.Q4_0), "auto")
     one_term.approximate_rows()  # a single int4 term is already smaller than int8
     assert one_term.int8 is None and len(one_term.int4) == 1

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from accordion import native
 from accordion.models.quant import Int4Groups
 
 WEIGHT_MODES = ("auto", "int4", "bf16", "fp32")
@@ -25,9 +26,13 @@ WEIGHT_MODES = ("auto", "int4", "bf16", "fp32")
 # Measured: one term wins at 8 decode rows and loses at 16; two terms (the
 # 49152-row SmolLM2 head) win at 2 rows and lose at 4.
 INT4_MAX_ROWS = {1: 12, 2: 3}
-# Rows up to which a per-row int8 copy beats the bf16 GEMM on a 49152 x 576 head:
-# 1.0 vs 2.0 ms at 1 row, 1.5 vs 2.0 at 4, 3.0 vs 2.0 at 6.
+# Rows up to which a per-row int8 copy beats the bf16 GEMM on a 49152 x 576 head.
+# torch's kernel: 1.0 vs 2.0 ms at 1 row, 1.5 vs 2.0 at 4, 3.0 vs 2.0 at 6. The native
+# one (native/head.cpp) reads the weights once for all rows: 0.6 ms at 1 row, 1.7 at 8,
+# 2.5 at 12, where bf16 takes 2.0-2.1 alone and twice that inside a decode step
+# (its 56 MB come from memory; the int8 copy's 28 MB take compute).
 INT8_MAX_ROWS = 4
+NATIVE_INT8_MAX_ROWS = 12
 
 
 @dataclass
@@ -113,6 +118,7 @@ class Linear(torch.nn.Module):
         self.out_features, self.in_features = m.rows, m.cols
         self.int4: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.int8: tuple[torch.Tensor, torch.Tensor] | None = None  # see approximate_rows
+        self.int8_max_rows = 0
         self.dense: torch.Tensor | None = None
         # torch's int4 packing works in tiles of 16 output rows
         if mode in ("auto", "int4") and m.int4 is not None and m.rows % 16 == 0:
@@ -140,13 +146,22 @@ class Linear(torch.nn.Module):
             w = self.dense[i : i + chunk].float()
             scale[i : i + chunk] = w.abs().amax(1).clamp_min(1e-30) / 127
             q[i : i + chunk] = torch.round(w / scale[i : i + chunk, None]).to(torch.int8)
-        self.int8, self.int4 = (q, scale.to(torch.bfloat16)), []
+        self.int4 = []
+        if native.available() and self.out_features % 64 == 0:
+            # [N / 64, K, 64]: blocks of 64 outputs, as native/head.cpp streams them
+            blocks = q.view(-1, 64, self.in_features).transpose(1, 2).contiguous()
+            self.int8, self.int8_max_rows = (blocks, scale), NATIVE_INT8_MAX_ROWS
+        else:  # torch's layout: [N, K] and bf16 scales
+            self.int8, self.int8_max_rows = (q, scale.to(torch.bfloat16)), INT8_MAX_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.int8 is not None and rows <= INT8_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x2, *self.int8)
+        if self.int8 is not None and rows <= self.int8_max_rows:
+            if self.int8[0].dim() == 3:  # native blocks; float32 out
+                y = torch.ops.accordion.int8_head(x2, *self.int8)
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(x2, *self.int8)
         elif self.dense is not None and (rows > self.int4_max_rows or not self.int4):
             return F.linear(x, self.dense, self.bias)
         else:

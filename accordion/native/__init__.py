@@ -26,29 +26,28 @@ from accordion.loader.gguf_file import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("block.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).with_name(f"{name}.cpp") for name in ("block", "attention", "head")]
 _state: dict[str, bool] = {}
 
 
-def _flags() -> list[str]:
-    root = Path(torch.__file__).parent
+def _compile_flags() -> list[str]:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [
         "-O3",
         "-march=native",  # the library is built on, and cached for, the machine using it
         "-fopenmp",  # at::parallel_for is OpenMP in torch's CPU build
         "-std=c++20",
-        "-shared",
         "-fPIC",
         "-w",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-        f"-I{root / 'include'}",
-        f"-L{root / 'lib'}",
-        f"-Wl,-rpath,{root / 'lib'}",
-        "-ltorch",
-        "-ltorch_cpu",
-        "-lc10",
+        f"-I{Path(torch.__file__).parent / 'include'}",
     ]
+
+
+def _link_flags() -> list[str]:
+    lib = Path(torch.__file__).parent / "lib"
+    libs = ["-ltorch", "-ltorch_cpu", "-lc10"]
+    return ["-shared", "-fopenmp", f"-L{lib}", f"-Wl,-rpath,{lib}", *libs]
 
 
 def library_path() -> Path:
@@ -57,7 +56,7 @@ def library_path() -> Path:
     for source in SOURCES:
         digest.update(source.read_bytes())
     digest.update(torch.__version__.encode())
-    digest.update(" ".join(_flags()).encode())
+    digest.update(" ".join(_compile_flags() + _link_flags()).encode())
     digest.update(_cpu_flags().encode())
     return cache_root() / "native" / f"accordion-{digest.hexdigest()[:16]}.so"
 
@@ -80,22 +79,30 @@ def build() -> Path:
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) found")
     out.parent.mkdir(parents=True, exist_ok=True)
-    # a unique name, then an atomic rename: concurrent builders never see half a file
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run(
-            [compiler, *map(str, SOURCES), "-o", tmp, *_flags()], capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"compiling the native ops failed:\n{done.stderr[-2000:]}")
-        os.replace(tmp, out)
-        for old in out.parent.glob("accordion-*.so"):  # builds of older sources
-            if old != out:
-                old.unlink(missing_ok=True)  # a process that mapped it keeps its copy
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # unique names, then an atomic rename: concurrent builders never see half a file
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        objects = [str(Path(tmp) / f"{source.stem}.o") for source in SOURCES]
+        jobs = [  # one compiler per source, side by side
+            subprocess.Popen(
+                [compiler, "-c", str(source), "-o", obj, *_compile_flags()],
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for source, obj in zip(SOURCES, objects, strict=True)
+        ]
+        errors = [job.communicate()[1] for job in jobs if job.wait() != 0]
+        library = str(Path(tmp) / "accordion.so")
+        if not errors:
+            done = subprocess.run(
+                [compiler, *objects, "-o", library, *_link_flags()], capture_output=True, text=True
+            )
+            errors = [done.stderr] if done.returncode != 0 else []
+        if errors:
+            raise RuntimeError(f"compiling the native ops failed:\n{errors[0][-2000:]}")
+        os.replace(library, out)
+    for old in out.parent.glob("accordion-*.so"):  # builds of older sources
+        if old != out:
+            old.unlink(missing_ok=True)  # a process that mapped it keeps its copy
     return out
 
 
