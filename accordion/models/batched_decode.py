@@ -26,7 +26,7 @@ class DecodeGather:
     Only sequences whose blocks are not one run are gathered: the others attend
     through views, which copies nothing (a per-sequence call costs about as much
     as the gather at 300 keys and less beyond). A lone scattered sequence merges
-    its runs instead (see _attend_one).
+    its runs instead (see attention._attend_one).
     """
 
     members: list[int]  # indices into AttentionBatch.seqs

@@ -126,8 +126,9 @@ class Block(torch.nn.Module):
         return x + o
 
     def use_native(self, on: bool) -> None:
-        """Run queries and finish as the ops of native/block.cpp (same bits, fewer
-        interpreter round trips) when `on` and they are built."""
+        """Run queries, finish and decode attention on the native ops (native/*.cpp:
+        the same computation to float32 rounding, with no interpreter between its
+        kernels) when `on` and they are built; else on the Python below."""
         self.native = on and native.available()
         if not self.native:
             return

@@ -80,6 +80,14 @@ Tensor block_queries(const Tensor& x, const Tensor& norm_w, double norm_eps, con
                      at::ScalarType dtype) {
   TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat, "x: contiguous float32");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "K and V caches differ");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat &&
+                  sin.scalar_type() == at::kFloat && cos.numel() == x.size(0) * d,
+              "RoPE tables: contiguous float32 [T, 1, head_dim]");
+  TORCH_CHECK(slots.is_contiguous() && slots.scalar_type() == at::kLong &&
+                  slots.numel() == x.size(0),
+              "slots: one int64 per token");
+  TORCH_CHECK(k_cache.stride(2) == 1 && v_cache.strides() == k_cache.strides(),
+              "cache planes: [kv_heads, slots, head_dim], rows contiguous");
   int64_t t = x.size(0), hidden = x.size(1), n_qk = n_heads + n_kv_heads;
   Tensor normed = at::empty({t, hidden}, x.options().dtype(dtype));
   std::vector<float> row(std::max(hidden, d)), rot(d);
