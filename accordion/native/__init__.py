@@ -51,14 +51,15 @@ def _link_flags() -> list[str]:
 
 
 def library_path() -> Path:
-    """Where the library for these sources, torch, flags and CPU lives."""
-    digest = hashlib.sha256()
-    for source in SOURCES:
-        digest.update(source.read_bytes())
-    digest.update(torch.__version__.encode())
-    digest.update(" ".join(_compile_flags() + _link_flags()).encode())
-    digest.update(_cpu_flags().encode())
-    return cache_root() / "native" / f"accordion-{digest.hexdigest()[:16]}.so"
+    """Where the library for these sources on this machine (torch, flags, CPU) lives:
+    accordion-<machine>-<sources>.so."""
+    machine = hashlib.sha256()
+    machine.update(torch.__version__.encode())
+    machine.update(" ".join(_compile_flags() + _link_flags()).encode())
+    machine.update(_cpu_flags().encode())
+    sources = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
+    name = f"accordion-{machine.hexdigest()[:12]}-{sources.hexdigest()[:12]}.so"
+    return cache_root() / "native" / name
 
 
 def _cpu_flags() -> str:
@@ -100,7 +101,8 @@ def build() -> Path:
         if errors:
             raise RuntimeError(f"compiling the native ops failed:\n{errors[0][-2000:]}")
         os.replace(library, out)
-    for old in out.parent.glob("accordion-*.so"):  # builds of older sources
+    machine = out.name.split("-")[1]  # builds of older sources for this machine go
+    for old in out.parent.glob(f"accordion-{machine}-*.so"):
         if old != out:
             old.unlink(missing_ok=True)  # a process that mapped it keeps its copy
     return out
