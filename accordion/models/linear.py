@@ -147,7 +147,8 @@ class Linear(torch.nn.Module):
             scale[i : i + chunk] = w.abs().amax(1).clamp_min(1e-30) / 127
             q[i : i + chunk] = torch.round(w / scale[i : i + chunk, None]).to(torch.int8)
         self.int4 = []
-        if native.available() and self.out_features % 64 == 0:
+        # the native kernel keeps 16 accumulators of 16 floats in registers: AVX-512's 32
+        if native.available() and native.cpu_has("avx512f") and self.out_features % 64 == 0:
             # [N / 64, K, 64]: blocks of 64 outputs, as native/head.cpp streams them
             blocks = q.view(-1, 64, self.in_features).transpose(1, 2).contiguous()
             self.int8, self.int8_max_rows = (blocks, scale), NATIVE_INT8_MAX_ROWS

@@ -62,6 +62,11 @@ def library_path() -> Path:
     return cache_root() / "native" / name
 
 
+def cpu_has(flag: str) -> bool:
+    """Whether the CPU reports a feature (as /proc/cpuinfo spells it, e.g. avx512f)."""
+    return flag in _cpu_flags().split()
+
+
 def _cpu_flags() -> str:
     """The CPU's feature flags: -march=native code must not run on another CPU."""
     try:

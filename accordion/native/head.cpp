@@ -24,7 +24,9 @@ typedef float f16v __attribute__((vector_size(64)));
 constexpr int64_t BLOCK = 64, W = 16, C = BLOCK / W;
 
 // 16 int8 as floats. GCC 12 turns __builtin_convertvector from int8 into scalar
-// code, so where the CPU has AVX-512 the two instructions are named outright.
+// code, so the two AVX-512 instructions are named outright. Without AVX-512 the
+// 16 accumulators spill and models/linear.py uses torch's int8 kernel instead;
+// the loop below only keeps this file compiling there.
 inline f16v widen(const int8_t* p) {
 #if defined(__AVX512F__)
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
