@@ -34,6 +34,7 @@ bench: setup
 lint: setup
 	$(BIN)/ruff check accordion tests bench
 	$(BIN)/ruff format --check accordion tests bench
+	$(BIN)/clang-format --dry-run --Werror accordion/native/*.cpp
 
 clean:
 	rm -rf $(VENV)

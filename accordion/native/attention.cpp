@@ -55,8 +55,9 @@ inline f16v exp_nonpositive(f16v x) {
   x = x < lo ? lo : x;
   f16v n = (x * 1.44269504f + magic) - magic;
   f16v r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  f16v p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 +
-                                                                      r * (1.f / 720))))));
+  f16v p =
+      1.f +
+      r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
   i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
   return p * reinterpret_cast<f16v&>(bits);
 }
@@ -67,25 +68,21 @@ inline f16v exp_nonpositive(f16v x) {
 template <int M>  // partial sums per vector before this round
 inline f16v fold(f16v a, f16v b) {
   if constexpr (M == 16) {
-    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22,
-                                   23) +
-           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
-                                   30, 31);
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                   31);
   } else if constexpr (M == 8) {
-    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26,
-                                   27) +
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
            __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
                                    31);
   } else if constexpr (M == 4) {
-    return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28,
-                                   29) +
+    return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
            __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
                                    31);
   } else {
     return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
                                    30) +
-           __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29,
-                                   31);
+           __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   }
 }
 
@@ -100,13 +97,24 @@ constexpr int64_t MAX_GROUP = 16;
 constexpr int64_t PART = 256;  // keys per task: a long context spreads over the threads
 
 // Calls fn(slot, l) for the keys l in [lo, hi) of a sequence whose keys are the slot
-// ranges spans[0:n_spans] in order.
+// ranges spans[0:n_spans] in order. Rows of `row_bytes` at `rows` are prefetched a
+// little ahead, across the jumps between runs that a hardware prefetcher cannot see.
 template <typename F>
-inline void for_keys(const int64_t* spans, int64_t n_spans, int64_t lo, int64_t hi, F fn) {
+inline void for_keys(const int64_t* spans, int64_t n_spans, int64_t lo, int64_t hi,
+                     const char* rows, int64_t row_bytes, F fn) {
+  constexpr int64_t AHEAD = 8;
   int64_t base = 0;
   for (int64_t i = 0; i < n_spans && base < hi; ++i) {
     int64_t a = spans[2 * i], n = spans[2 * i + 1] - a;
-    for (int64_t l = std::max(lo, base); l < std::min(hi, base + n); ++l) fn(a + l - base, l - lo);
+    if (i + 1 < n_spans) {  // the next run's first rows
+      for (int64_t r = 0; r < AHEAD; ++r)
+        __builtin_prefetch(rows + (spans[2 * i + 2] + r) * row_bytes);
+    }
+    for (int64_t l = std::max(lo, base); l < std::min(hi, base + n); ++l) {
+      int64_t slot = a + l - base;
+      if (slot + AHEAD < a + n) __builtin_prefetch(rows + (slot + AHEAD) * row_bytes);
+      fn(slot, l - lo);
+    }
     base += n;
   }
 }
@@ -135,15 +143,17 @@ void attend_part(const T* q, const T* k, const T* v, const int64_t* spans, int64
     }
     fill = 0;
   };
-  for_keys(spans, n_spans, lo, hi, [&](int64_t slot, int64_t l) {
-    for (int c = 0; c < C; ++c) row[c] = load(k + slot * d + c * W);
-    for (int64_t j = 0; j < group; ++j) {
-      f16v dot = qv[j][0] * row[0];
-      for (int c = 1; c < C; ++c) dot += qv[j][c] * row[c];
-      dots[j][fill] = dot;
-    }
-    if (++fill == W) flush(l + 1);
-  });
+  auto bytes = static_cast<int64_t>(d * sizeof(T));
+  for_keys(spans, n_spans, lo, hi, reinterpret_cast<const char*>(k), bytes,
+           [&](int64_t slot, int64_t l) {
+             for (int c = 0; c < C; ++c) row[c] = load(k + slot * d + c * W);
+             for (int64_t j = 0; j < group; ++j) {
+               f16v dot = qv[j][0] * row[0];
+               for (int c = 1; c < C; ++c) dot += qv[j][c] * row[c];
+               dots[j][fill] = dot;
+             }
+             if (++fill == W) flush(l + 1);
+           });
   if (fill > 0) flush(n);
   for (int64_t j = 0; j < group; ++j) {  // softmax numerators; padding lanes count 0
     float* sj = scores.data() + j * stride;
@@ -159,13 +169,14 @@ void attend_part(const T* q, const T* k, const T* v, const int64_t* spans, int64
     part[j * (d + 2) + 1] = sum(run);
   }
   f16v acc[MAX_GROUP][C] = {};
-  for_keys(spans, n_spans, lo, hi, [&](int64_t slot, int64_t l) {
-    for (int c = 0; c < C; ++c) row[c] = load(v + slot * d + c * W);
-    for (int64_t j = 0; j < group; ++j) {
-      float p = scores[j * stride + l];
-      for (int c = 0; c < C; ++c) acc[j][c] += p * row[c];
-    }
-  });
+  for_keys(spans, n_spans, lo, hi, reinterpret_cast<const char*>(v), bytes,
+           [&](int64_t slot, int64_t l) {
+             for (int c = 0; c < C; ++c) row[c] = load(v + slot * d + c * W);
+             for (int64_t j = 0; j < group; ++j) {
+               float p = scores[j * stride + l];
+               for (int c = 0; c < C; ++c) acc[j][c] += p * row[c];
+             }
+           });
   for (int64_t j = 0; j < group; ++j) std::memcpy(part + j * (d + 2) + 2, acc[j], d * 4);
 }
 
@@ -176,12 +187,18 @@ using PartFn = void (*)(const T*, const T*, const T*, const int64_t*, int64_t, i
 template <typename T>
 PartFn<T> part_fn(int64_t d) {
   switch (d) {
-    case 16: return attend_part<T, 1>;
-    case 32: return attend_part<T, 2>;
-    case 64: return attend_part<T, 4>;
-    case 128: return attend_part<T, 8>;
-    case 256: return attend_part<T, 16>;
-    default: TORCH_CHECK(false, "head_dim must be 16, 32, 64, 128 or 256");
+    case 16:
+      return attend_part<T, 1>;
+    case 32:
+      return attend_part<T, 2>;
+    case 64:
+      return attend_part<T, 4>;
+    case 128:
+      return attend_part<T, 8>;
+    case 256:
+      return attend_part<T, 16>;
+    default:
+      TORCH_CHECK(false, "head_dim must be 16, 32, 64, 128 or 256");
   }
 }
 
@@ -220,9 +237,12 @@ void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const 
   for (int64_t i = 0; i < b; ++i) {
     for (int64_t h = 0; h < heads; ++h) {
       int64_t g = h / group, j = h % group;
-      auto at = [&](int64_t task) { return parts.data() + (task * kv_heads + g) * per + j * (d + 2); };
+      auto at = [&](int64_t task) {
+        return parts.data() + (task * kv_heads + g) * per + j * (d + 2);
+      };
       float top = -INFINITY, total = 0.f;
-      for (int64_t task = seq_parts[i]; task < seq_parts[i + 1]; ++task) top = std::max(top, at(task)[0]);
+      for (int64_t task = seq_parts[i]; task < seq_parts[i + 1]; ++task)
+        top = std::max(top, at(task)[0]);
       std::fill(o.begin(), o.end(), 0.f);
       for (int64_t task = seq_parts[i]; task < seq_parts[i + 1]; ++task) {
         const float* p = at(task);
@@ -243,9 +263,9 @@ void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const 
 Tensor decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                         const Tensor& spans, const Tensor& offsets, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "shapes");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() &&
-                  k_cache.scalar_type() == v_cache.scalar_type(),
-              "q and the caches must share a dtype");
+  TORCH_CHECK(
+      q.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
+      "q and the caches must share a dtype");
   TORCH_CHECK(k_cache.stride(2) == 1 && k_cache.stride(1) == k_cache.size(2) &&
                   v_cache.strides() == k_cache.strides(),
               "cache planes must be [kv_heads, slots, d] with rows contiguous");

@@ -29,8 +29,7 @@ Tensor linear(const Tensor& x, const Terms& lin, int64_t int4_max_rows) {
   }
   Tensor y;
   for (size_t i = 0; i < n_int4; ++i) {
-    Tensor part =
-        at::_weight_int4pack_mm_for_cpu(x, *lin.get(2 + 2 * i), 32, *lin.get(3 + 2 * i));
+    Tensor part = at::_weight_int4pack_mm_for_cpu(x, *lin.get(2 + 2 * i), 32, *lin.get(3 + 2 * i));
     if (i == 0) {
       y = part;
     } else {
@@ -65,9 +64,7 @@ inline void rope(const float* x, const float* cos, const float* sin, float* out,
   for (int64_t i = 0; i < d; ++i) out[i] = x[i] * cos[i] + x[(i + half) % d] * sin[i];
 }
 
-const float* opt_ptr(const OptTensor& t) {
-  return t.has_value() ? t->data_ptr<float>() : nullptr;
-}
+const float* opt_ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
 
 }  // namespace
 
@@ -83,9 +80,9 @@ Tensor block_queries(const Tensor& x, const Tensor& norm_w, double norm_eps, con
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat &&
                   sin.scalar_type() == at::kFloat && cos.numel() == x.size(0) * d,
               "RoPE tables: contiguous float32 [T, 1, head_dim]");
-  TORCH_CHECK(slots.is_contiguous() && slots.scalar_type() == at::kLong &&
-                  slots.numel() == x.size(0),
-              "slots: one int64 per token");
+  TORCH_CHECK(
+      slots.is_contiguous() && slots.scalar_type() == at::kLong && slots.numel() == x.size(0),
+      "slots: one int64 per token");
   TORCH_CHECK(k_cache.stride(2) == 1 && v_cache.strides() == k_cache.strides(),
               "cache planes: [kv_heads, slots, head_dim], rows contiguous");
   int64_t t = x.size(0), hidden = x.size(1), n_qk = n_heads + n_kv_heads;
@@ -121,8 +118,8 @@ Tensor block_queries(const Tensor& x, const Tensor& norm_w, double norm_eps, con
           }
           if (qk_w != nullptr) rms_norm(row.data(), qk_w + j * d, qk_norm_eps * d, d);
           rope(row.data(), cs + r * d, sn + r * d, rot.data(), d);
-          scalar_t* dst = j < n_heads ? qp + (r * n_heads + j) * d
-                                      : kc + (j - n_heads) * hs + slot[r] * ss;
+          scalar_t* dst =
+              j < n_heads ? qp + (r * n_heads + j) * d : kc + (j - n_heads) * hs + slot[r] * ss;
           store(rot.data(), dst, d);
         }
       }
@@ -168,7 +165,8 @@ Tensor block_finish(const Tensor& x, const Tensor& attn, const Terms& o, int64_t
     scalar_t* m = mixed.data_ptr<scalar_t>();
     for (int64_t r = 0; r < t; ++r) {
       for (int64_t i = 0; i < n; ++i) {
-        m[r * n + i] = static_cast<scalar_t>(act[r * n + i] * static_cast<float>(up[r * 2 * n + n + i]));
+        m[r * n + i] =
+            static_cast<scalar_t>(act[r * n + i] * static_cast<float>(up[r * 2 * n + n + i]));
       }
     }
   });

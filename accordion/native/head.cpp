@@ -29,7 +29,8 @@ constexpr int64_t BLOCK = 64, W = 16, C = BLOCK / W;
 // the loop below only keeps this file compiling there.
 inline f16v widen(const int8_t* p) {
 #if defined(__AVX512F__)
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #else
   f16v v;
   for (int i = 0; i < W; ++i) v[i] = p[i];
@@ -83,8 +84,8 @@ Tensor int8_head(const Tensor& x, const Tensor& blocks, const Tensor& scale) {
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t r = 0; r < m; r += 4) {  // the block stays in cache between passes
         int64_t rows = std::min<int64_t>(4, m - r);
-        BY_ROWS[rows - 1](xp + r * k, k, wp + b * k * BLOCK, sp + b * BLOCK,
-                          yp + r * n + b * BLOCK, n);
+        BY_ROWS[rows - 1](xp + r * k, k, wp + b * k * BLOCK, sp + b * BLOCK, yp + r * n + b * BLOCK,
+                          n);
       }
     }
   });
