@@ -1,11 +1,12 @@
 """Native ops: C++ that calls ATen with no interpreter between kernels.
 
-`block.cpp` holds a transformer block's work around attention as two ops and
-`attention.cpp` a paged decode attention (see their headers). They are compiled
-with the machine's g++ against the installed torch the first time they are
-wanted (about 20 s), cached under the accordion cache directory by a hash of the
-sources, torch version, flags and CPU, and loaded with `torch.ops.load_library`.
-`make setup` builds them ahead. Without a compiler, or with ACCORDION_NATIVE=0,
+`block.cpp` holds a transformer block's work around attention as two ops,
+`attention.cpp` a paged decode attention and `head.cpp` the output head's int8
+copy (see their headers). They are compiled with the machine's g++ against the
+installed torch the first time they are wanted (about 15 s, one compiler per
+file), cached under the accordion cache directory by a hash of the sources,
+torch version, flags and CPU, and loaded with `torch.ops.load_library`. `make
+setup` builds them ahead. Without a compiler, or with ACCORDION_NATIVE=0,
 everything runs the equivalent Python.
 """
 
