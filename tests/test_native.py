@@ -128,3 +128,28 @@ def run_step(decoder: Decoder, kv: PlainKV, seqs: Step, bs: int) -> torch.Tensor
         sample_rows=torch.tensor([s.q_start + s.q_len - 1 for s in slices]),
     )
     return decoder(batch, kv)
+
+
+@pytest.mark.parametrize("arch", list(TINY_SPECS))
+def test_native_block_halves_match_python_op_by_op(tiny_dir: Path, arch: str) -> None:
+    """Each half alone, in float32, on a residual stream small enough that every norm's
+    epsilon moves the result: queries, the K/V written to the cache, and the new stream."""
+    gf = open_gguf(tiny_dir / f"{arch}.gguf")
+    cfg = config_from_gguf(gf)
+    decoder = build_decoder(gf, cfg, "fp32")
+    block = decoder.blocks[0]
+    gen = torch.Generator().manual_seed(11)
+    t = 3
+    x = torch.randn(t, cfg.hidden, generator=gen) * 1e-3
+    attn = torch.randn(t, cfg.n_heads, cfg.head_dim, generator=gen) * 1e-3
+    rope = decoder.ropes[decoder.rope_base(0)].tables(torch.arange(5, 5 + t))
+    slots = torch.tensor([6, 1, 9])
+    out = {}
+    with torch.inference_mode():
+        for on in (True, False):
+            block.use_native(on)
+            kv = PlainKV(cfg, 4, 4, torch.float32)
+            q = block.queries(x, rope, kv.layer(0), slots)
+            out[on] = (q, kv.k[0], kv.v[0], block.finish(x, attn))
+    for fast, slow in zip(out[True], out[False], strict=True):
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
