@@ -12,6 +12,7 @@ everything runs the equivalent Python.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -52,15 +53,20 @@ def _link_flags() -> list[str]:
 
 
 def library_path() -> Path:
-    """Where the library for these sources on this machine (torch, flags, CPU) lives:
+    """Where the library for these sources on this machine lives:
     accordion-<machine>-<sources>.so."""
+    sources = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
+    name = f"accordion-{_machine_key()}-{sources.hexdigest()[:12]}.so"
+    return cache_root() / "native" / name
+
+
+def _machine_key() -> str:
+    """What a build depends on besides the sources: torch, the flags, the CPU."""
     machine = hashlib.sha256()
     machine.update(torch.__version__.encode())
     machine.update(" ".join(_compile_flags() + _link_flags()).encode())
     machine.update(_cpu_flags().encode())
-    sources = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
-    name = f"accordion-{machine.hexdigest()[:12]}-{sources.hexdigest()[:12]}.so"
-    return cache_root() / "native" / name
+    return machine.hexdigest()[:12]
 
 
 def cpu_has(flag: str) -> bool:
@@ -68,6 +74,7 @@ def cpu_has(flag: str) -> bool:
     return flag in _cpu_flags().split()
 
 
+@functools.cache
 def _cpu_flags() -> str:
     """The CPU's feature flags: -march=native code must not run on another CPU."""
     try:
@@ -97,7 +104,10 @@ def build() -> Path:
             )
             for source, obj in zip(SOURCES, objects, strict=True)
         ]
-        errors = [job.communicate()[1] for job in jobs if job.wait() != 0]
+        # read each compiler's stderr to its end before its exit status: waiting first
+        # hangs once an error report fills the pipe
+        reports = [job.communicate()[1] for job in jobs]
+        errors = [r for job, r in zip(jobs, reports, strict=True) if job.returncode != 0]
         library = str(Path(tmp) / "accordion.so")
         if not errors:
             done = subprocess.run(
@@ -107,8 +117,7 @@ def build() -> Path:
         if errors:
             raise RuntimeError(f"compiling the native ops failed:\n{errors[0][-2000:]}")
         os.replace(library, out)
-    machine = out.name.split("-")[1]  # builds of older sources for this machine go
-    for old in out.parent.glob(f"accordion-{machine}-*.so"):
+    for old in out.parent.glob(f"accordion-{_machine_key()}-*.so"):  # older sources' builds
         if old != out:
             old.unlink(missing_ok=True)  # a process that mapped it keeps its copy
     return out
