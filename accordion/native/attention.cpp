@@ -208,7 +208,7 @@ template <typename T>
 void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const int64_t* first,
          int64_t b, int64_t heads, int64_t kv_heads, int64_t d, int64_t hs, float scale) {
   int64_t group = heads / kv_heads;
-  std::vector<int64_t> task_seq, task_lo;
+  std::vector<int64_t> task_seq, task_lo, task_hi;  // a task: keys [lo, hi) of a sequence
   std::vector<int64_t> seq_parts(b + 1, 0);
   for (int64_t i = 0; i < b; ++i) {
     int64_t n = 0;
@@ -216,6 +216,7 @@ void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const 
     for (int64_t lo = 0; lo < n; lo += PART) {
       task_seq.push_back(i);
       task_lo.push_back(lo);
+      task_hi.push_back(std::min(n, lo + PART));
     }
     seq_parts[i + 1] = task_seq.size();
   }
@@ -226,11 +227,9 @@ void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const 
     std::vector<float> scores;
     for (int64_t t = begin; t < end; ++t) {
       int64_t task = t / kv_heads, g = t % kv_heads, i = task_seq[task];
-      const int64_t* own = span + 2 * first[i];
-      int64_t n_spans = first[i + 1] - first[i], n = 0;
-      for (int64_t s = 0; s < n_spans; ++s) n += own[2 * s + 1] - own[2 * s];
-      fn(q + (i * heads + g * group) * d, k + g * hs, v + g * hs, own, n_spans, task_lo[task],
-         std::min(n, task_lo[task] + PART), group, scale, parts.data() + t * per, scores);
+      fn(q + (i * heads + g * group) * d, k + g * hs, v + g * hs, span + 2 * first[i],
+         first[i + 1] - first[i], task_lo[task], task_hi[task], group, scale,
+         parts.data() + t * per, scores);
     }
   });
   std::vector<float> o(d);
