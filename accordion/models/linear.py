@@ -118,7 +118,6 @@ class Linear(torch.nn.Module):
         self.out_features, self.in_features = m.rows, m.cols
         self.int4: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.int8: tuple[torch.Tensor, torch.Tensor] | None = None  # see approximate_rows
-        self.int8_max_rows = 0
         self.dense: torch.Tensor | None = None
         # torch's int4 packing works in tiles of 16 output rows
         if mode in ("auto", "int4") and m.int4 is not None and m.rows % 16 == 0:
@@ -150,16 +149,26 @@ class Linear(torch.nn.Module):
         # the native kernel keeps 16 accumulators of 16 floats in registers: AVX-512's 32
         if native.available() and native.cpu_has("avx512f") and self.out_features % 64 == 0:
             # [N / 64, K, 64]: blocks of 64 outputs, as native/head.cpp streams them
-            blocks = q.view(-1, 64, self.in_features).transpose(1, 2).contiguous()
-            self.int8, self.int8_max_rows = (blocks, scale), NATIVE_INT8_MAX_ROWS
+            self.int8 = (q.view(-1, 64, self.in_features).transpose(1, 2).contiguous(), scale)
         else:  # torch's layout: [N, K] and bf16 scales
-            self.int8, self.int8_max_rows = (q, scale.to(torch.bfloat16)), INT8_MAX_ROWS
+            self.int8 = (q, scale.to(torch.bfloat16))
+
+    @property
+    def int8_native(self) -> bool:
+        """Whether the int8 copy is in native/head.cpp's blocks (else torch's layout)."""
+        return self.int8 is not None and self.int8[0].dim() == 3
+
+    @property
+    def int8_max_rows(self) -> int:
+        if self.int8 is None:
+            return 0
+        return NATIVE_INT8_MAX_ROWS if self.int8_native else INT8_MAX_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         x2 = x.reshape(-1, self.in_features)
         if self.int8 is not None and rows <= self.int8_max_rows:
-            if self.int8[0].dim() == 3:  # native blocks; float32 out
+            if self.int8_native:  # float32 out
                 y = torch.ops.accordion.int8_head(x2, *self.int8)
             else:
                 y = torch.ops.aten._weight_int8pack_mm(x2, *self.int8)
