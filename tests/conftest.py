@@ -49,6 +49,28 @@ class PlainKV:
         return 0
 
 
+Step = list[tuple[list[int], int, list[int]]]  # per sequence: tokens, first new, blocks
+
+
+def step_batch(seqs: Step, block_size: int, every_row: bool = False) -> ForwardBatch:
+    """One forward step over sequences given as (tokens so far, position of the first
+    new one, block table); samples each one's last row, or every row."""
+    tokens, positions, slots, slices = [], [], [], []
+    for ids, start, table in seqs:
+        slices.append(SeqSlice(len(tokens), len(ids) - start, len(ids), table))
+        for p in range(start, len(ids)):
+            tokens.append(ids[p])
+            positions.append(p)
+            slots.append(table[p // block_size] * block_size + p % block_size)
+    rows = range(len(tokens)) if every_row else [s.q_start + s.q_len - 1 for s in slices]
+    return ForwardBatch(
+        tokens=torch.tensor(tokens),
+        positions=torch.tensor(positions),
+        attn=[AttentionBatch(torch.tensor(slots), slices, block_size)],
+        sample_rows=torch.tensor(list(rows)),
+    )
+
+
 def paged_logits(
     decoder: Decoder,
     cfg: ModelConfig,
@@ -59,22 +81,12 @@ def paged_logits(
 ) -> torch.Tensor:
     """Logits of every position, prefilling `ids` in chunks into the given blocks."""
     kv = PlainKV(cfg, max(blocks) + 1, block_size, decoder.dtype)
-    out, done = [], 0
+    out = []
     with torch.inference_mode():
-        while done < len(ids):
+        for done in range(0, len(ids), chunk):
             end = min(done + chunk, len(ids))
-            slots = [
-                blocks[p // block_size] * block_size + p % block_size for p in range(done, end)
-            ]
-            seq = SeqSlice(0, end - done, end, blocks)
-            batch = ForwardBatch(
-                tokens=torch.tensor(ids[done:end]),
-                positions=torch.arange(done, end),
-                attn=[AttentionBatch(torch.tensor(slots), [seq], block_size)],
-                sample_rows=torch.arange(end - done),
-            )
+            batch = step_batch([(ids[:end], done, blocks)], block_size, every_row=True)
             out.append(decoder(batch, kv))
-            done = end
     return torch.cat(out)
 
 

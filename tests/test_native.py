@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_SPECS, PlainKV, paged_logits
+from conftest import TINY_SPECS, PlainKV, paged_logits, step_batch
 
 from accordion import native
 from accordion.loader.gguf_file import open_gguf
-from accordion.models.attention import AttentionBatch, SeqSlice
 from accordion.models.build import build_decoder
 from accordion.models.config import config_from_gguf
-from accordion.models.decoder import Decoder, ForwardBatch
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("ACCORDION_NATIVE") == "0", reason="native ops switched off"
@@ -86,13 +84,13 @@ def test_native_decode_attention_reads_scattered_blocks(
     prompts = [[rng.randrange(256) for _ in range(n)] for n in lengths]
     with torch.inference_mode():
         for ids, table in zip(prompts, tables, strict=True):  # fill each cache alone
-            run_step(decoder, kv, [(ids, 0, table)], bs)
+            decoder(step_batch([(ids, 0, table)], bs), kv)
         pairs = zip(prompts, tables, strict=True)
         step = [(ids + [rng.randrange(256)], len(ids), table) for ids, table in pairs]
         logits = {}
         for on in (True, False):
             decoder.use_native(on)
-            logits[on] = run_step(decoder, kv, step, bs)
+            logits[on] = decoder(step_batch(step, bs), kv)
     assert_agree(logits[True], logits[False], mode)
     assert not torch.equal(logits[True][0], logits[True][1])
 
@@ -106,28 +104,6 @@ def assert_agree(fast: torch.Tensor, slow: torch.Tensor, mode: str) -> None:
         step = 2.0 ** (torch.log2(slow.abs().max()).floor() - 7)
         assert (fast - slow).abs().max() <= step
         assert torch.equal(fast.argmax(-1), slow.argmax(-1))
-
-
-Step = list[tuple[list[int], int, list[int]]]
-
-
-def run_step(decoder: Decoder, kv: PlainKV, seqs: Step, bs: int) -> torch.Tensor:
-    """One forward over (tokens, first new position, block table) per sequence;
-    returns the last position's logits of each."""
-    tokens, positions, slots, slices = [], [], [], []
-    for ids, start, table in seqs:
-        slices.append(SeqSlice(len(tokens), len(ids) - start, len(ids), table))
-        for p in range(start, len(ids)):
-            tokens.append(ids[p])
-            positions.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
-    batch = ForwardBatch(
-        tokens=torch.tensor(tokens),
-        positions=torch.tensor(positions),
-        attn=[AttentionBatch(torch.tensor(slots), slices, bs)],
-        sample_rows=torch.tensor([s.q_start + s.q_len - 1 for s in slices]),
-    )
-    return decoder(batch, kv)
 
 
 @pytest.mark.parametrize("arch", list(TINY_SPECS))
