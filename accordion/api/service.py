@@ -60,10 +60,6 @@ def _too_long(n: int, limit: int) -> InvalidRequestError:
     )
 
 
-def encode_chat(loaded: Loaded, messages: list[dict], tools: list | None = None) -> list[int]:
-    return loaded.model.encode_chat(messages, tools)
-
-
 def prepare_chat(
     loaded: Loaded,
     messages: list[dict],
@@ -77,7 +73,7 @@ def prepare_chat(
     messages = normalize_messages(messages)
     if loaded.entry.system and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": loaded.entry.system}, *messages]
-    ids = encode_chat(loaded, messages, tools)
+    ids = loaded.model.encode_chat(messages, tools)
     if len(ids) < limit:
         return Prepared(ids, opts, limit)
     if not truncate:
@@ -86,7 +82,7 @@ def prepare_chat(
     first = 1 if kept and kept[0]["role"] == "system" else 0
     while len(ids) >= limit and len(kept) - first > 1:
         del kept[first]  # the oldest whole message after the system prompt
-        ids = encode_chat(loaded, kept, tools)
+        ids = loaded.model.encode_chat(kept, tools)
     if len(ids) >= limit:
         raise _too_long(len(ids), limit)
     report = {"original": original, "kept": len(ids), "removed": original - len(ids)}
@@ -114,7 +110,7 @@ def prepare_generate(
         messages = [{"role": "user", "content": prompt}]
         if system:
             messages.insert(0, {"role": "system", "content": system})
-        ids = encode_chat(loaded, messages)
+        ids = loaded.model.encode_chat(messages)
     if len(ids) < limit:
         return Prepared(ids, opts, limit)
     if not truncate:
