@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+PENALTY_RANGE = 2.0  # presence / frequency penalties live in [-2, 2], as in OpenAI's API
 
 
 @dataclass
@@ -25,12 +28,27 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        reals = ("temperature", "top_p", "min_p", "repeat_penalty")
+        for name in (*reals, "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number")
+            if not math.isfinite(value):  # NaN and Infinity parse as JSON numbers in Python
+                raise ValueError(f"{name} must be a finite number, got {value}")
         checks = [
             (self.temperature >= 0, "temperature must be >= 0"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
+            (
+                abs(self.presence_penalty) <= PENALTY_RANGE,
+                f"presence_penalty must be in [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}]",
+            ),
+            (
+                abs(self.frequency_penalty) <= PENALTY_RANGE,
+                f"frequency_penalty must be in [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}]",
+            ),
             (self.repeat_last_n >= -1, "repeat_last_n must be >= -1"),
             (self.max_tokens is None or self.max_tokens >= 0, "max_tokens must be >= 0"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),

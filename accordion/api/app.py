@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
-from contextvars import ContextVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,7 +12,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from accordion import __version__
+from accordion.api.guard import Guard, error_body, request_id
 from accordion.api.metrics import Metrics
+from accordion.api.security import Policy
 from accordion.errors import (
     AccordionError,
     InvalidRequestError,
@@ -26,8 +26,6 @@ from accordion.server.manager import ModelManager, OutOfMemoryBudgetError, Serve
 from accordion.server.store import ModelStore
 
 log = logging.getLogger("accordion.api")
-request_id: ContextVar[str] = ContextVar("request_id", default="-")
-MAX_BODY = 32 << 20  # bytes; larger bodies are refused before parsing
 
 STATUS = {
     ModelNotFoundError: 404,
@@ -47,37 +45,15 @@ def status_of(error: Exception) -> int:
 
 
 def error_response(request: Request, status: int, message: str) -> JSONResponse:
-    """Ollama's {"error": "..."} under /api, OpenAI's error object under /v1."""
-    if request.url.path.startswith("/v1"):
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        code = {404: "model_not_found", 503: "server_busy"}.get(status)
-        body: dict = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    else:
-        body = {"error": message}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(error_body(request.url.path, status, message), status_code=status)
 
 
-def create_app(manager: ModelManager, store: ModelStore) -> FastAPI:
+def create_app(manager: ModelManager, store: ModelStore, policy: Policy | None = None) -> FastAPI:
     app = FastAPI(title="accordion", version=__version__, docs_url=None, redoc_url=None)
     app.state.manager = manager
     app.state.store = store
 
-    @app.middleware("http")
-    async def with_request_id(request: Request, call_next):  # noqa: ANN202
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        if request.method in ("POST", "DELETE") and "json" not in request.headers.get(
-            "content-type", ""
-        ):  # Ollama reads every body as JSON whatever the client's content type says
-            headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
-            request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
-        request_id.set(rid)
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > MAX_BODY:
-            response: Response = error_response(request, 413, f"request body over {MAX_BODY} bytes")
-        else:
-            response = await call_next(request)
-        response.headers["X-Request-ID"] = rid
-        return response
+    app.add_middleware(Guard, policy=policy)
 
     @app.exception_handler(RequestValidationError)
     @app.exception_handler(ValidationError)  # a route's own model_validate: 400, not 500
@@ -110,6 +86,10 @@ def create_app(manager: ModelManager, store: ModelStore) -> FastAPI:
     @app.exception_handler(json.JSONDecodeError)
     async def bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
         return error_response(request, 400, f"invalid JSON: {exc.msg}")
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+        return error_response(request, 400, "request nested too deeply")
 
     @app.get("/")
     async def root() -> PlainTextResponse:

@@ -12,8 +12,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from accordion.api import service
-from accordion.api.app import request_id
+from accordion.api import prompts, service
+from accordion.api.guard import request_id
 from accordion.engine.request import Event, RequestOutput
 from accordion.errors import InvalidRequestError
 from accordion.server.durations import parse_keep_alive
@@ -104,12 +104,11 @@ async def respond(
     body: _Body,
     loaded: Loaded,
     load_s: float,
-    prepared: service.Prepared,
+    prepared: prompts.Prepared,
     piece: Any,
     start: float,
 ) -> Any:
     """Stream NDJSON chunks (or one object); `piece(text)` shapes a chunk's payload."""
-    manager = service.manager_of(request)
     head = {"model": body.model}
 
     def final(out: RequestOutput, text: str) -> dict[str, Any]:
@@ -125,12 +124,14 @@ async def respond(
         return doc
 
     if not body.stream:
-        out = await service.complete(manager, loaded, prepared)
+        out = await service.complete(request, loaded, prepared)
         service.raise_for(out)
         return JSONResponse(final(out, out.text))
 
+    running = service.start(request, loaded, prepared)  # a full queue: 503, not an empty 200
+
     async def lines() -> AsyncIterator[bytes]:
-        async for item in service.run(manager, loaded, prepared):
+        async for item in running.events():
             if isinstance(item, Event):
                 if item.text:
                     chunk = {**head, "created_at": now(), **piece(item.text), "done": False}
@@ -166,8 +167,15 @@ async def generate(body: GenerateBody, request: Request) -> Any:
     check_unsupported(body, body.images)
     if body.suffix:
         raise InvalidRequestError(f"model '{body.model}' does not support insert (suffix)")
-    prepared = service.prepare_generate(
-        loaded, body.prompt, body.options, body.system, body.raw, body.truncate, request_id.get()
+    prepared = await prompts.in_worker(
+        prompts.prepare_generate,
+        loaded,
+        body.prompt,
+        body.options,
+        body.system,
+        body.raw,
+        body.truncate,
+        request_id.get(),
     )
     prepared.options.params.shift = body.shift
     return await respond(
@@ -190,8 +198,14 @@ async def chat(body: ChatBody, request: Request) -> Any:
     if body.tools and not loaded.model.template.supports_tools:
         raise InvalidRequestError(f"model '{body.model}' does not support tools")
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    prepared = service.prepare_chat(
-        loaded, messages, body.options, body.truncate, body.tools, request_id.get()
+    prepared = await prompts.in_worker(
+        prompts.prepare_chat,
+        loaded,
+        messages,
+        body.options,
+        body.truncate,
+        body.tools,
+        request_id.get(),
     )
     prepared.options.params.shift = body.shift
     return await respond(
@@ -207,9 +221,7 @@ async def chat(body: ChatBody, request: Request) -> Any:
 
 async def _embeddings(request: Request, body: EmbedBody, texts: list[str]) -> tuple[list, int]:
     loaded, _ = await load(request, body)
-    return await service.embed_texts(
-        service.manager_of(request), loaded, texts, body.truncate, body.options
-    )
+    return await service.embed_texts(request, loaded, texts, body.truncate, body.options)
 
 
 @router.post("/api/embed")

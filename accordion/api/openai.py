@@ -23,8 +23,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from accordion.api import service
-from accordion.api.app import request_id, status_of
+from accordion.api import prompts, service
+from accordion.api.app import status_of
+from accordion.api.guard import request_id
 from accordion.engine.request import Event, RequestOutput
 from accordion.errors import InvalidRequestError
 from accordion.server.manager import Loaded
@@ -204,15 +205,14 @@ async def prime(stream: AsyncGenerator[Event | RequestOutput, None]) -> list[Eve
             if item.text:
                 break
     except BaseException:
-        await stream.aclose()  # runs service.run's finally: cancel, end bookkeeping
+        await stream.aclose()  # runs Running.events' finally: cancel, count out
         raise
     return buffered
 
 
 async def respond(
-    request: Request, body: _Body, loaded: Loaded, prepared: service.Prepared, chat: bool
+    request: Request, body: _Body, loaded: Loaded, prepared: prompts.Prepared, chat: bool
 ) -> Any:
-    manager = service.manager_of(request)
     head = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion" if chat else "text_completion",
@@ -222,7 +222,7 @@ async def respond(
     extra = {"truncated": prepared.truncated} if prepared.truncated else {}
 
     if not body.stream:
-        out = await service.complete(manager, loaded, prepared)
+        out = await service.complete(request, loaded, prepared)
         service.raise_for(out)
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason(out)}
         if chat:
@@ -258,7 +258,7 @@ async def respond(
             out.append(sse({**head, "choices": [], "usage": usage(item)}))
         return [*out, sse("[DONE]")]
 
-    stream = service.run(manager, loaded, prepared)
+    stream = service.start(request, loaded, prepared).events()
     buffered = await prime(stream)
 
     async def events() -> AsyncIterator[bytes]:
@@ -282,8 +282,14 @@ async def chat_completions(body: ChatBody, request: Request) -> Any:
     loaded = await load(request, body.model)
     if body.tools and not loaded.model.template.supports_tools:
         raise InvalidRequestError(f"model '{body.model}' does not support tools")
-    prepared = service.prepare_chat(
-        loaded, messages, ollama_options(body), body.truncate, body.tools or None, request_id.get()
+    prepared = await prompts.in_worker(
+        prompts.prepare_chat,
+        loaded,
+        messages,
+        ollama_options(body),
+        body.truncate,
+        body.tools or None,
+        request_id.get(),
     )
     return await respond(request, body, loaded, prepared, chat=True)
 
@@ -297,13 +303,15 @@ async def completions(body: CompletionBody, request: Request) -> Any:
     if not isinstance(prompt, str):
         raise InvalidRequestError("prompt must be a string (or a list of exactly one string)")
     loaded = await load(request, body.model)
-    prepared = service.prepare_generate(
+    prepared = await prompts.in_worker(
+        prompts.prepare_generate,
         loaded,
         prompt,
         ollama_options(body),
-        raw=True,  # OpenAI's completions take the prompt verbatim, no chat template
-        truncate=body.truncate,
-        request_id=request_id.get(),
+        None,
+        True,  # raw: OpenAI's completions take the prompt verbatim, no chat template
+        body.truncate,
+        request_id.get(),
     )
     return await respond(request, body, loaded, prepared, chat=False)
 
@@ -323,14 +331,13 @@ async def embeddings(body: EmbeddingsBody, request: Request) -> dict[str, Any]:
     texts = embedding_texts(body.input)
     if body.encoding_format not in ("float", "base64"):
         raise InvalidRequestError("encoding_format must be 'float' or 'base64'")
-    manager = service.manager_of(request)
     loaded = await load(request, body.model)
     if body.dimensions is not None and body.dimensions != loaded.model.config.hidden:
         raise InvalidRequestError(
             f"model '{body.model}' embeds in {loaded.model.config.hidden} dimensions;"
             f" dimensions={body.dimensions} is not supported"
         )
-    vectors, count = await service.embed_texts(manager, loaded, texts, body.truncate)
+    vectors, count = await service.embed_texts(request, loaded, texts, body.truncate)
     data = []
     for index, vector in enumerate(vectors):
         value: Any = vector

@@ -163,7 +163,8 @@ class LocalBackend:
         self, model: str, messages: list[dict], options: dict[str, Any], keep_alive: str | None
     ) -> Iterator[str]:
         from accordion.api.ollama import stats
-        from accordion.api.service import prepare_chat, raise_for
+        from accordion.api.prompts import prepare_chat
+        from accordion.api.service import raise_for
         from accordion.engine.request import output_of
 
         start = time.perf_counter()

@@ -168,11 +168,20 @@ class Engine:
             now = time.perf_counter()
             for w in work:
                 w.seq.first_scheduled = w.seq.first_scheduled or now
-            logits, sampled = run(self.model.decoder, self.kv, work)
-            self.steps += 1
-            events += [self._advance(s, row) for s, row in zip(sampled, logits, strict=True)]
+            try:
+                logits, sampled = run(self.model.decoder, self.kv, work)
+            except Exception as e:  # attributed to this step's sequences; the rest go on
+                log.exception("forward step failed; failing its %d sequences", len(work))
+                events += [self._fail(w.seq, e) for w in work]
+            else:
+                self.steps += 1
+                events += [
+                    self._advance_one(s, row) for s, row in zip(sampled, logits, strict=True)
+                ]
         for event in events:
-            self._handles[event.seq.id].push(event)
+            handle = self._handles.get(event.seq.id)
+            if handle is not None:
+                handle.push(event)
             if event.finished:
                 self._forget(event.seq)
         return events
@@ -181,6 +190,18 @@ class Engine:
         return list(self.scheduler.running) + list(self.scheduler.waiting)
 
     # -- outcomes ------------------------------------------------------------------
+    def _advance_one(self, seq: Sequence, logits: torch.Tensor) -> Event:
+        """One sequence's next token; a failure here ends that sequence alone."""
+        try:
+            return self._advance(seq, logits)
+        except Exception as e:
+            log.exception("sampling failed seq=%d", seq.id)
+            return self._fail(seq, e)
+
+    def _fail(self, seq: Sequence, error: Exception) -> Event:
+        seq.error = error
+        return self._end(seq, "error", "", flush=False)
+
     def _advance(self, seq: Sequence, logits: torch.Tensor) -> Event:
         p = seq.params
         if p.max_tokens == 0:
@@ -232,8 +253,10 @@ class Engine:
     def fail_all(self, error: Exception) -> None:
         """End every request with `error` (the model itself failed)."""
         for seq in self._all():
-            seq.error = error
-            self._handles[seq.id].push(self._end(seq, "error", "", flush=False))
+            event = self._fail(seq, error)
+            handle = self._handles.get(seq.id)
+            if handle is not None:
+                handle.push(event)
             self._forget(seq)
 
     def _forget(self, seq: Sequence) -> None:

@@ -6,10 +6,14 @@ gives the same tokens whether it runs alone or batched with others.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from accordion.sampling_params import SamplingParams
+
+MAX_INVERSE_TEMPERATURE = 1e30  # below temperature 1e-30 sampling is greedy in effect
 
 
 def new_generator(seed: int | None) -> torch.Generator:
@@ -40,15 +44,26 @@ def apply_penalties(logits: torch.Tensor, history: list[int], p: SamplingParams)
 def sample_one(
     logits: torch.Tensor, p: SamplingParams, history: list[int], gen: torch.Generator
 ) -> int:
-    """logits [vocab] float32 -> token id."""
+    """logits [vocab] float32 -> token id. Whatever the parameters did to the logits
+    (overflowing penalties, a temperature near zero), the distribution stays valid."""
     if p.penalized:
         logits = apply_penalties(logits, history, p)
     if p.greedy:  # numpy's argmax: 3 us where torch's takes 60 us on a 49k vocabulary
-        return int(logits.numpy().argmax())
-    logits = logits / p.temperature
+        values = logits.numpy()
+        best = int(values.argmax())
+        if not np.isnan(values[best]):  # argmax lands on a NaN only if there is one
+            return best
+        return int(_finite(logits).numpy().argmax())
+    logits = _finite(logits)
+    top = float(logits.max())
+    if top == -math.inf:
+        raise RuntimeError("the model produced no finite logit for this sequence")
+    # Shifted by the maximum and with the inverse temperature bounded, the best token's
+    # scaled logit is exactly 0 and every other one is finite or -inf: softmax has no NaN.
+    logits = (logits - top) * min(1.0 / p.temperature, MAX_INVERSE_TEMPERATURE)
     if 0 < p.top_k < logits.numel():
-        top = torch.topk(logits, p.top_k)
-        values, ids = top.values, top.indices
+        top_k = torch.topk(logits, p.top_k)
+        values, ids = top_k.values, top_k.indices
     else:
         values, ids = torch.sort(logits, descending=True)
     probs = torch.softmax(values, dim=-1)
@@ -61,3 +76,9 @@ def sample_one(
     probs = torch.where(keep, probs, torch.zeros_like(probs))
     choice = torch.multinomial(probs, 1, generator=gen)
     return int(ids[choice])
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """NaN logits can never be chosen; +inf ones become the largest finite value."""
+    big = torch.finfo(logits.dtype).max
+    return torch.nan_to_num(logits, nan=-math.inf, posinf=big, neginf=-math.inf)

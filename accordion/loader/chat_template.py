@@ -17,6 +17,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 import jinja2.meta
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from accordion.errors import InvalidRequestError, TemplateError
@@ -34,6 +35,10 @@ FALLBACK_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
+
+# A rendered prompt longer than this is refused: tokenizing 8 MiB takes seconds already,
+# and a template (a created model's own) must not be able to build gigabytes.
+MAX_RENDER_CHARS = 8 << 20
 
 # Names a message's reasoning travels under; transformers copies it to the two templates read.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -60,10 +65,37 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, str | list | tuple) else 0
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox, plus a bound on what `*`, `+` and `**` may build in one operation
+    (the sandbox already bounds `range`); the output is bounded in `render`."""
+
+    intercepted_binops = frozenset(["*", "+", "**"])
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            count = right if isinstance(right, int) else left if isinstance(left, int) else 0
+            built = max(_size(left), _size(right)) * count
+        elif operator == "+":
+            built = _size(left) + _size(right)
+        else:
+            built = abs(right) * max(abs(left), 2).bit_length() if _ints(left, right) else 0
+        if built > MAX_RENDER_CHARS:  # for **: the bits of the result
+            raise SecurityError(f"template expression too large ({operator})")
+        return super().call_binop(context, operator, left, right)
+
+
+def _ints(*values: Any) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
 @cache
 def _environment() -> ImmutableSandboxedEnvironment:
     # Templates come from downloaded files, so they run sandboxed and cannot mutate inputs.
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
@@ -200,11 +232,22 @@ class ChatTemplate:
             "tools": tools,
         }
         try:
-            return self._template.render(**context)
-        except TemplateError:
+            return self._bounded(context)
+        except (TemplateError, InvalidRequestError):
             raise
         except Exception as e:  # any failure inside template code is the template's fault
             raise TemplateError(f"chat template failed to render: {_describe(e)}") from None
+
+    def _bounded(self, context: dict[str, Any]) -> str:
+        pieces, size = [], 0
+        for piece in self._template.generate(**context):
+            size += len(piece)
+            if size > MAX_RENDER_CHARS:
+                raise InvalidRequestError(
+                    f"the rendered prompt is over {MAX_RENDER_CHARS} characters"
+                )
+            pieces.append(piece)
+        return "".join(pieces)
 
     def __repr__(self) -> str:
         kind = "template" if self._has_template else "fallback"

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,6 +113,9 @@ class TokenizerInfo:
         return cls(**doc)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 class Tokenizer:
     """Text <-> token ids for one GGUF model."""
 
@@ -136,7 +140,11 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; special tokens written in the text are recognised whole."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        except TypeError:  # lone surrogates (JSON allows "\ud800"): U+FFFD each, as Go does
+            text = _SURROGATE.sub("\ufffd", text)
+            ids = self.backend.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         if self.info.add_eos and self.eos_id is not None:

@@ -10,6 +10,7 @@ import time
 import uvicorn
 
 from accordion.api.app import create_app
+from accordion.api.security import Policy
 from accordion.server.address import host_port
 from accordion.server.manager import ModelManager
 from accordion.server.store import ModelStore
@@ -22,7 +23,7 @@ def serve(address: str | None = None, log_level: str = "info") -> None:
     host, port, _ = host_port(address)
     store = ModelStore()
     manager = ModelManager(store)
-    app = create_app(manager, store)
+    app = create_app(manager, store, Policy.from_env(host))
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
     )
