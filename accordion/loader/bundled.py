@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from accordion.errors import InvalidModelFileError, ModelNotFoundError
 from accordion.loader.gguf_file import cache_root
@@ -38,6 +41,7 @@ BUNDLED: dict[str, BundledModel] = {
 }
 
 DEFAULT_MODEL = "smollm2"
+_joining = threading.Lock()  # one join at a time: they share a temp file name
 
 
 def split_tag(name: str) -> tuple[str, str]:
@@ -54,37 +58,58 @@ def _package_file(package: str, relpath: str, model: str) -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / relpath
     if not path.is_file():
-        raise ModelNotFoundError(f"bundled model {model!r}: {path} is missing")
+        raise ModelNotFoundError(f"bundled model {model!r}: {relpath} is missing from {package}")
     return path
 
 
-def _assemble(model: BundledModel, parts: list[Path]) -> Path:
-    """Concatenate the chunks once into the cache and check the digest."""
-    target = cache_root() / "models" / f"{model.name}.gguf"
+def joined_path(model: BundledModel) -> Path:
+    return cache_root() / "models" / f"{model.name}.gguf"
+
+
+def _is_joined(model: BundledModel) -> bool:
+    target = joined_path(model)
     stamp = target.with_suffix(".sha256")
-    if target.is_file() and stamp.is_file() and stamp.read_text().strip() == model.sha256:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
-    digest = hashlib.sha256()
-    with open(tmp, "wb") as out:
-        for part in parts:
-            with open(part, "rb") as src:
-                while chunk := src.read(1 << 22):
-                    digest.update(chunk)
-                    out.write(chunk)
-    if model.sha256 and digest.hexdigest() != model.sha256:
-        tmp.unlink(missing_ok=True)
-        raise InvalidModelFileError(
-            f"bundled model {model.name!r}: sha256 {digest.hexdigest()} != {model.sha256}"
-        )
-    tmp.replace(target)
-    stamp.write_text(model.sha256 or "")
+    return target.is_file() and stamp.is_file() and stamp.read_text().strip() == model.sha256
+
+
+def _assemble(model: BundledModel, parts: list[Path]) -> Path:
+    """Concatenate the chunks once into the cache and check the digest (seconds: the
+    server does it at start and off its HTTP thread, `make setup` at install)."""
+    target = joined_path(model)
+    with _joining:
+        if _is_joined(model):
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(target)
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while chunk := src.read(1 << 22):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if model.sha256 and digest.hexdigest() != model.sha256:
+            tmp.unlink(missing_ok=True)
+            raise InvalidModelFileError(
+                model.name, f"sha256 {digest.hexdigest()} != {model.sha256}"
+            )
+        tmp.replace(target)
+        target.with_suffix(".sha256").write_text(model.sha256 or "")
     return target
 
 
-def bundled_path(name: str) -> Path | None:
-    """The GGUF path of a bundled model name (with or without `:latest`), else None."""
+def _remove_stale(target: Path) -> None:
+    """Temp files of joins whose process died (kill -9) would otherwise stay forever."""
+    for tmp in target.parent.glob(f"{target.stem}.tmp*"):
+        pid = tmp.suffix.removeprefix(".tmp")
+        if not pid.isdigit() or not psutil.pid_exists(int(pid)) or int(pid) == os.getpid():
+            tmp.unlink(missing_ok=True)
+
+
+def bundled_path(name: str, join: bool = True) -> Path | None:
+    """The GGUF path of a bundled model name (with or without `:latest`), else None.
+    With join=False a chunked model's path is returned even before it is joined."""
     base, tag = split_tag(name)
     model = BUNDLED.get(base)
     if model is None or tag != "latest":
@@ -92,7 +117,16 @@ def bundled_path(name: str) -> Path | None:
     parts = [_package_file(p, r, base) for p, r in zip(model.packages, model.relpaths, strict=True)]
     if len(parts) == 1 and model.sha256 is None:
         return parts[0]
-    return _assemble(model, parts)
+    return _assemble(model, parts) if join else joined_path(model)
+
+
+def join_all() -> None:
+    """Join every installed chunked model now (at install and at server start)."""
+    for name in BUNDLED:
+        try:
+            bundled_path(name)
+        except ModelNotFoundError:
+            continue  # its packages are not installed
 
 
 def resolve_model_path(name: str) -> Path:
@@ -105,3 +139,7 @@ def resolve_model_path(name: str) -> Path:
         return candidate
     known = ", ".join(sorted(BUNDLED))
     raise ModelNotFoundError(f"model {name!r} not found: not a bundled model ({known}) nor a file")
+
+
+if __name__ == "__main__":
+    join_all()

@@ -100,7 +100,9 @@ def _read(path: Path) -> Any:
     try:
         return GGUFReader(path, "r")
     except Exception as e:  # the reader raises many kinds on a bad file
-        raise InvalidModelFileError(f"{path}: not a readable GGUF file ({e})") from None
+        raise InvalidModelFileError(
+            path, f"not a readable GGUF file ({type(e).__name__})"
+        ) from None
 
 
 def _plain(value: Any) -> Any:
@@ -131,8 +133,9 @@ def _scan(path: Path, cache_dir: Path) -> tuple[dict[str, Any], dict[str, Tensor
         nbytes = int(t.n_bytes)
         if offset + nbytes > size:
             raise InvalidModelFileError(
-                f"{path}: truncated GGUF, tensor {t.name!r} ends at byte {offset + nbytes}"
-                f" but the file has {size}"
+                path,
+                f"truncated GGUF, tensor {t.name!r} ends at byte {offset + nbytes}"
+                f" but the file has {size}",
             )
         shape = tuple(int(d) for d in reversed(list(t.shape)))
         tensors[t.name] = TensorInfo(t.name, shape, int(t.tensor_type), offset, nbytes)
@@ -148,11 +151,11 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     """Open (and on first sight, index) a GGUF file; InvalidModelFileError if it is none."""
     path = Path(path).resolve()
     if not path.is_file():
-        raise InvalidModelFileError(f"{path}: no such file")
+        raise InvalidModelFileError(path, "no such file")
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic != GGUF_MAGIC:
-        raise InvalidModelFileError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        raise InvalidModelFileError(path, "not a GGUF file (its first bytes are not GGUF)")
     cache_dir = cache_root() / "gguf" / _cache_key(path)
     index = cache_dir / "gguf.json"
     reader = None

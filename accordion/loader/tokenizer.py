@@ -214,7 +214,7 @@ def build(gf: GGUFFile) -> tuple[Backend, TokenizerInfo]:
         )
     tokens = gf.array("tokenizer.ggml.tokens")
     if not tokens:
-        raise InvalidModelFileError(f"{gf.path.name}: no tokenizer.ggml.tokens in the file")
+        raise InvalidModelFileError(gf.path.name, "no tokenizer.ggml.tokens in the file")
     types = gf.array("tokenizer.ggml.token_type")
     types = [1] * len(tokens) if types is None or len(types) == 0 else types.tolist()
 

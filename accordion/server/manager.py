@@ -109,6 +109,8 @@ class ModelManager:
             self._loading[name] = pending
             start = time.perf_counter()
             try:
+                # joining a chunked file is I/O-bound and slow: a thread, not the engines' one
+                await asyncio.to_thread(self.store.ensure_file, model_entry)
                 entry = await self.on_main(self._load, model_entry, keep_alive)
                 pending.set_result(entry)
             except BaseException as e:  # a cancelled or failed load leaves nothing behind

@@ -11,9 +11,10 @@ import uvicorn
 
 from accordion.api.app import create_app
 from accordion.api.security import Policy
+from accordion.loader.bundled import join_all
 from accordion.server.address import host_port
 from accordion.server.manager import ModelManager
-from accordion.server.store import ModelStore
+from accordion.server.store import ModelStore, allowed_paths, default_root
 
 
 def serve(address: str | None = None, log_level: str = "info") -> None:
@@ -21,7 +22,8 @@ def serve(address: str | None = None, log_level: str = "info") -> None:
         level=log_level.upper(), format="%(asctime)s level=%(levelname)s %(name)s %(message)s"
     )
     host, port, _ = host_port(address)
-    store = ModelStore()
+    root = default_root()
+    store = ModelStore(root, allowed_paths(root))
     manager = ModelManager(store)
     app = create_app(manager, store, Policy.from_env(host))
     server = uvicorn.Server(
@@ -35,6 +37,8 @@ def serve(address: str | None = None, log_level: str = "info") -> None:
 
     signal.signal(signal.SIGINT, shutdown)
     signal.signal(signal.SIGTERM, shutdown)
+    # a chunked bundled model is joined (and checked) once, before anyone waits for it
+    threading.Thread(target=join_all, name="accordion-join", daemon=True).start()
     http = threading.Thread(target=server.run, name="accordion-http", daemon=True)
     http.start()
     while not server.started and http.is_alive():  # e.g. the port is taken: uvicorn gives up

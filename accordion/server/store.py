@@ -3,6 +3,11 @@
 A created model is a manifest (`<root>/manifests/<name>/<tag>.json`) naming its
 GGUF file plus Modelfile-style settings (parameters, system, template); the
 GGUF itself is never copied. Names are validated so nothing escapes the root.
+
+A server's store loads GGUF files by path only inside the allowed folders: the
+store, the bundled models and ACCORDION_ALLOW_PATHS (os.pathsep-separated, `*`
+for anywhere). A file becomes a model only once it reads as a GGUF of an
+architecture we run; a manifest whose file broke later is listed as broken.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from accordion.errors import InvalidRequestError, ModelNotFoundError
+from accordion.errors import ForbiddenError, InvalidRequestError, ModelNotFoundError
 from accordion.loader.bundled import BUNDLED, bundled_path, split_tag
+from accordion.loader.gguf_file import cache_root, open_gguf
 
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}"
 NAME = re.compile(rf"^(?:{_SEGMENT}/)?{_SEGMENT}(?::[A-Za-z0-9][A-Za-z0-9._-]{{0,79}})?$")
@@ -45,20 +51,28 @@ class ModelEntry:
     source: str = ""  # what it was created FROM
     bundled: bool = False
     modified_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    problem: str | None = None  # why this entry cannot load (a broken manifest or file)
 
     @property
     def size(self) -> int:
-        return self.path.stat().st_size
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return 0
 
     @property
     def digest(self) -> str:
         """Stable id of the file and settings (not a content hash of the weights)."""
-        st = self.path.stat()
+        try:
+            st = self.path.stat()
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = 0, 0
         raw = json.dumps(
             [
                 str(self.path),
-                st.st_size,
-                st.st_mtime_ns,
+                size,
+                mtime,
                 self.parameters,
                 self.system,
                 self.template,
@@ -69,9 +83,29 @@ class ModelEntry:
         return hashlib.sha256(raw.encode()).hexdigest()
 
 
+def allowed_paths(root: Path) -> list[Path]:
+    """The folders a server may load GGUF files from by path."""
+    extra = [Path(p) for p in os.environ.get("ACCORDION_ALLOW_PATHS", "").split(os.pathsep) if p]
+    return [root, cache_root() / "models", *_bundled_folders(), *extra]
+
+
+def _bundled_folders() -> list[Path]:
+    import importlib.util
+
+    folders = []
+    for model in BUNDLED.values():
+        for package in model.packages:
+            spec = importlib.util.find_spec(package)
+            if spec is not None and spec.submodule_search_locations:
+                folders.append(Path(next(iter(spec.submodule_search_locations))))
+    return folders
+
+
 class ModelStore:
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, allow_paths: list[Path] | None = None) -> None:
+        """`allow_paths` None: any path loads (in-process use); a server passes the list."""
         self.root = root or default_root()
+        self.allow_paths = allow_paths
 
     def _manifest(self, name: str) -> Path:
         base, tag = split_tag(canonical(name))
@@ -85,26 +119,45 @@ class ModelStore:
                 return self._read(canonical(name), manifest)
             base, tag = split_tag(name)
             if base in BUNDLED and tag == "latest":
-                path = bundled_path(name)
+                path = bundled_path(name, join=False)  # joined off the request path
                 assert path is not None
                 return ModelEntry(
                     canonical(name), path, source=base, bundled=True, modified_at=_mtime(path)
                 )
-        candidate = Path(str(name)).expanduser()
-        if str(name).endswith(".gguf") and candidate.is_file():
-            return ModelEntry(
-                str(candidate),
-                candidate.resolve(),
-                source=str(candidate),
-                modified_at=_mtime(candidate),
-            )
+        if isinstance(name, str) and name.endswith(".gguf"):
+            candidate = self._allowed_file(name)
+            if candidate is not None:
+                return ModelEntry(name, candidate, source=name, modified_at=_mtime(candidate))
         raise ModelNotFoundError(f"model '{name}' not found")
 
+    def _allowed_file(self, name: str) -> Path | None:
+        """The resolved file a path names, if it may be loaded; ForbiddenError if not."""
+        try:
+            given = Path(name).expanduser() if self.allow_paths is None else Path(name)
+            path = given.resolve()
+            if not path.is_file():
+                return None
+        except (OSError, ValueError, RuntimeError):  # NUL bytes, unknown ~user, loops
+            return None
+        folders = self.allow_paths
+        if folders is None or any(str(f) == "*" for f in folders):
+            return path
+        if not any(path.is_relative_to(f.resolve()) for f in folders):
+            raise ForbiddenError(
+                f"model '{name}': loading files by path is allowed only inside the model"
+                " store and ACCORDION_ALLOW_PATHS"
+            )
+        return path
+
     def _read(self, name: str, manifest: Path) -> ModelEntry:
-        doc = json.loads(manifest.read_text())
-        return ModelEntry(
+        try:
+            doc = json.loads(manifest.read_text())
+            path = Path(doc["gguf"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return ModelEntry(name, manifest, problem="its manifest is unreadable")
+        entry = ModelEntry(
             name,
-            Path(doc["gguf"]),
+            path,
             doc.get("parameters", {}),
             doc.get("system"),
             doc.get("template"),
@@ -112,6 +165,25 @@ class ModelStore:
             False,
             _mtime(manifest),
         )
+        if not path.is_file():
+            entry.problem = "its model file is missing"
+        return entry
+
+    def ensure_file(self, entry: ModelEntry) -> None:
+        """Make the entry's file ready: join a chunked bundled model (slow: run it off the
+        HTTP thread); raise if the entry is broken."""
+        if entry.problem:
+            raise ModelNotFoundError(f"model '{entry.name}' is broken: {entry.problem}")
+        if entry.bundled:
+            bundled_path(entry.name)
+
+    def check_file(self, entry: ModelEntry) -> None:
+        """A file becomes a model only if it reads as a GGUF we can run (slow: off thread)."""
+        from accordion.models.config import config_from_gguf
+
+        self.ensure_file(entry)
+        if not entry.bundled:
+            config_from_gguf(open_gguf(entry.path))
 
     def list(self) -> list[ModelEntry]:
         entries = []
@@ -138,6 +210,7 @@ class ModelStore:
         """A new name FROM an existing model or a GGUF path, with its own settings."""
         name = canonical(name)
         base = self.get(source)  # raises ModelNotFoundError for an unknown source
+        self.check_file(base)  # random bytes, a truncated file, /etc/passwd: a 400 now
         doc = {
             "from": source,
             "gguf": str(base.path),
@@ -180,4 +253,7 @@ class ModelStore:
 
 
 def _mtime(path: Path) -> datetime:
-    return datetime.fromtimestamp(path.stat().st_mtime, UTC)
+    try:
+        return datetime.fromtimestamp(path.stat().st_mtime, UTC)
+    except OSError:  # a chunked bundled model not joined yet, a file gone missing
+        return datetime.now(UTC)
