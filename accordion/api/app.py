@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from accordion import __version__
@@ -40,6 +41,34 @@ STATUS = {
 }
 
 
+class ErrorReply(BaseModel):
+    """Ollama's {"error": "..."}; under /v1, OpenAI's error object."""
+
+    error: str | dict[str, Any]
+
+
+# Documented on every route (/openapi.json), so API fuzzers and clients know the real codes.
+ERROR_REPLIES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorReply, "description": what}
+    for status, what in {
+        400: "invalid request: a bad field, a prompt over the context limit",
+        401: "missing or invalid API key (ACCORDION_API_KEY)",
+        403: "Host name, browser origin or model file path not allowed",
+        404: "unknown model or route",
+        405: "method not allowed on this route",
+        413: "request body too large",
+        415: "request body is not JSON",
+        503: "server busy: the request queue is full (ACCORDION_MAX_QUEUE)",
+        507: "not enough memory to load the model",
+    }.items()
+}
+
+
+def streamed(media_type: str) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route whose 200 may also be a stream of `media_type`."""
+    return {200: {"content": {media_type: {}}}}
+
+
 def status_of(error: Exception) -> int:
     for kind, status in STATUS.items():
         if isinstance(error, kind):
@@ -52,7 +81,13 @@ def error_response(request: Request, status: int, message: str) -> JSONResponse:
 
 
 def create_app(manager: ModelManager, store: ModelStore, policy: Policy | None = None) -> FastAPI:
-    app = FastAPI(title="accordion", version=__version__, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="accordion",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        responses=ERROR_REPLIES,
+    )
     app.state.manager = manager
     app.state.store = store
 

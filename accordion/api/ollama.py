@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from accordion.api import prompts, service
+from accordion.api.app import streamed
 from accordion.api.guard import request_id
 from accordion.engine.request import Event, RequestOutput
 from accordion.errors import InvalidRequestError
@@ -21,6 +22,7 @@ from accordion.server.manager import Loaded
 
 router = APIRouter()
 NDJSON = "application/x-ndjson"
+STREAMED = streamed(NDJSON)
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -158,7 +160,7 @@ def load_reply(body: _Body, request: Request, loaded: Loaded, chat: bool) -> JSO
     return JSONResponse(doc)
 
 
-@router.post("/api/generate")
+@router.post("/api/generate", responses=STREAMED)
 async def generate(body: GenerateBody, request: Request) -> Any:
     start = time.perf_counter()
     loaded, load_s = await load(request, body)
@@ -183,7 +185,7 @@ async def generate(body: GenerateBody, request: Request) -> Any:
     )
 
 
-@router.post("/api/chat")
+@router.post("/api/chat", responses=STREAMED)
 async def chat(body: ChatBody, request: Request) -> Any:
     start = time.perf_counter()
     if not body.messages:
@@ -197,16 +199,13 @@ async def chat(body: ChatBody, request: Request) -> Any:
     check_unsupported(body, [i for m in body.messages for i in (m.images or [])])
     if body.tools and not loaded.model.template.supports_tools:
         raise InvalidRequestError(f"model '{body.model}' does not support tools")
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    prepared = await prompts.in_worker(
-        prompts.prepare_chat,
-        loaded,
-        messages,
-        body.options,
-        body.truncate,
-        body.tools,
-        request_id.get(),
-    )
+    rid = request_id.get()
+
+    def prepare() -> prompts.Prepared:  # dumping 20k messages takes long: not on the loop
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        return prompts.prepare_chat(loaded, messages, body.options, body.truncate, body.tools, rid)
+
+    prepared = await prompts.in_worker(prepare)
     prepared.options.params.shift = body.shift
     return await respond(
         request,

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from accordion.api import prompts, service
-from accordion.api.app import status_of
+from accordion.api.app import status_of, streamed
 from accordion.api.guard import request_id
 from accordion.engine.request import Event, RequestOutput
 from accordion.errors import InvalidRequestError
@@ -39,6 +39,7 @@ Count = Annotated[int, Field(strict=True, ge=0)]
 Int = Annotated[int, Field(strict=True)]
 Flag = Annotated[bool, Field(strict=True)]
 
+STREAMED = streamed("text/event-stream")
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
@@ -275,7 +276,7 @@ async def respond(
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=STREAMED)
 async def chat_completions(body: ChatBody, request: Request) -> Any:
     check_unsupported(body)
     messages = chat_messages(body.messages)  # before loading: a bad request costs nothing
@@ -294,7 +295,7 @@ async def chat_completions(body: ChatBody, request: Request) -> Any:
     return await respond(request, body, loaded, prepared, chat=True)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=STREAMED)
 async def completions(body: CompletionBody, request: Request) -> Any:
     check_unsupported(body)
     prompt = body.prompt

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from gguf import LlamaFileType
 from pydantic import BaseModel, ConfigDict, StrictBool
 
+from accordion.api.app import streamed
 from accordion.api.service import manager_of
 from accordion.errors import AccordionError, InvalidRequestError, ModelNotFoundError
 from accordion.loader.bundled import BUNDLED, split_tag
@@ -20,6 +21,7 @@ from accordion.loader.model import LoadedModel
 from accordion.server.store import ModelEntry, ModelStore
 
 router = APIRouter()
+STREAMED = streamed("application/x-ndjson")
 
 
 def store_of(request: Request) -> ModelStore:
@@ -183,7 +185,7 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-@router.post("/api/create")
+@router.post("/api/create", responses=STREAMED)
 async def create(request: Request) -> Any:
     try:
         raw = await request.json()
@@ -237,7 +239,7 @@ async def delete(body: NameBody, request: Request) -> Response:
     return Response(status_code=200)
 
 
-@router.post("/api/pull")
+@router.post("/api/pull", responses=STREAMED)
 async def pull(body: NameBody, request: Request) -> Any:
     name = body.target()
     base, tag = split_tag(name)

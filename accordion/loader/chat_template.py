@@ -65,8 +65,7 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _size(value: Any) -> int:
-    return len(value) if isinstance(value, str | list | tuple) else 0
+_SIZED = (str, list, tuple)
 
 
 class _BoundedEnvironment(ImmutableSandboxedEnvironment):
@@ -76,16 +75,19 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset(["*", "+", "**"])
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
-            count = right if isinstance(right, int) else left if isinstance(left, int) else 0
-            built = max(_size(left), _size(right)) * count
-        elif operator == "+":
-            built = _size(left) + _size(right)
-        else:
+        if operator == "+":  # templates concatenate in every loop: keep this path short
+            if isinstance(left, _SIZED) and isinstance(right, _SIZED):
+                built = len(left) + len(right)
+            else:
+                built = 0
+        elif operator == "*":
+            sized, count = (left, right) if isinstance(right, int) else (right, left)
+            built = len(sized) * count if isinstance(sized, _SIZED) and _ints(count) else 0
+        else:  # **: the bits of the result
             built = abs(right) * max(abs(left), 2).bit_length() if _ints(left, right) else 0
-        if built > MAX_RENDER_CHARS:  # for **: the bits of the result
+        if built > MAX_RENDER_CHARS:
             raise SecurityError(f"template expression too large ({operator})")
-        return super().call_binop(context, operator, left, right)
+        return self.binop_table[operator](left, right)
 
 
 def _ints(*values: Any) -> bool:
