@@ -74,7 +74,10 @@ def fuzz(seconds: int) -> bool:
         ]  # fmt: skip
         print("$", " ".join(command), flush=True)
         run = subprocess.run(command, capture_output=True, text=True)
+        report = Path(tempfile.mkdtemp()) / "schemathesis.txt"
+        report.write_text(run.stdout + run.stderr)
         print(run.stdout[-6000:])
+        print(f"(the whole report: {report})")
     finally:
         server.stop()
     server_errors = run.stdout.count("Server error")

@@ -176,7 +176,8 @@ def storm(server: LiveServer, count: int, seed: int) -> set[str]:
 
 @pytest.fixture(scope="module")
 def small_queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    live = LiveServer(tmp_path_factory.mktemp("queue"), env={"ACCORDION_MAX_QUEUE": "2"})
+    env = {"ACCORDION_MAX_QUEUE": "2", "ACCORDION_HEADER_TIMEOUT": "1"}
+    live = LiveServer(tmp_path_factory.mktemp("queue"), env=env)
     yield live
     live.stop()
 
@@ -215,6 +216,31 @@ def test_a_stream_over_the_queue_limit_is_a_503_not_an_empty_200(
             sock.close()
     with httpx.Client(base_url=small_queue.url, timeout=120) as http:
         wait_idle(http)  # the dropped streams stop computing before the next test
+
+
+def test_a_request_head_that_never_ends_is_closed(small_queue: LiveServer) -> None:
+    trickle = socket.create_connection(("127.0.0.1", small_queue.port), timeout=10)
+    silent = socket.create_connection(("127.0.0.1", small_queue.port), timeout=10)
+    start = time.monotonic()
+    trickle.sendall(b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    for sock in (trickle, silent):
+        assert sock.recv(1024) == b""  # closed by the server (ACCORDION_HEADER_TIMEOUT=1)
+        sock.close()
+    assert time.monotonic() - start < 5
+    # a keep-alive connection that finished its first request is not cut off mid-way
+    with httpx.Client(base_url=small_queue.url) as http:
+        for _ in range(3):
+            assert http.get("/api/version").status_code == 200
+            time.sleep(0.6)
+
+
+def test_error_statuses_are_documented(http: httpx.Client) -> None:
+    paths = http.get("/openapi.json").json()["paths"]
+    for route in ("/api/chat", "/v1/chat/completions", "/api/tags"):
+        for operation in paths[route].values():
+            assert {"400", "401", "403", "404", "413", "415", "503"} <= set(operation["responses"])
+    streamed = paths["/api/chat"]["post"]["responses"]["200"]["content"]
+    assert "application/x-ndjson" in streamed
 
 
 # -- nothing heavy on the HTTP thread ---------------------------------------------------

@@ -225,13 +225,13 @@ class CopyBody(BaseModel):
     destination: str
 
 
-@router.post("/api/copy")
+@router.post("/api/copy", response_class=Response)
 async def copy(body: CopyBody, request: Request) -> Response:
     store_of(request).copy(body.source, body.destination)
     return Response(status_code=200)
 
 
-@router.delete("/api/delete")
+@router.delete("/api/delete", response_class=Response)
 async def delete(body: NameBody, request: Request) -> Response:
     name = body.target()
     store_of(request).delete(name)

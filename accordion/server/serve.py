@@ -13,6 +13,7 @@ from accordion.api.app import create_app
 from accordion.api.security import Policy
 from accordion.loader.bundled import join_all
 from accordion.server.address import host_port
+from accordion.server.http_protocol import DeadlineH11Protocol
 from accordion.server.manager import ModelManager, freeze_heap
 from accordion.server.store import ModelStore, allowed_paths, default_root
 
@@ -27,7 +28,14 @@ def serve(address: str | None = None, log_level: str = "info") -> None:
     manager = ModelManager(store)
     app = create_app(manager, store, Policy.from_env(host))
     server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=False,
+            http=DeadlineH11Protocol,
+        )
     )
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
 
