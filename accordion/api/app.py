@@ -131,18 +131,18 @@ def create_app(manager: ModelManager, store: ModelStore, policy: Policy | None =
     async def too_deep(request: Request, exc: RecursionError) -> JSONResponse:
         return error_response(request, 400, "request nested too deeply")
 
-    @app.get("/")
+    @app.get("/", response_class=PlainTextResponse)
     async def root() -> PlainTextResponse:
         return PlainTextResponse("Ollama is running")
 
-    @app.head("/")
+    @app.head("/", response_class=Response)
     async def root_head() -> Response:
         return Response(status_code=200)
 
     metrics = Metrics(manager)
     manager.observers.append(metrics.observe)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 

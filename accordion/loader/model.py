@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from accordion import heap
 from accordion.loader.bundled import resolve_model_path
 from accordion.loader.chat_template import ChatTemplate
 from accordion.loader.gguf_file import GGUFFile, open_gguf
@@ -51,17 +49,7 @@ def load_model(name: str, weights: str = "auto") -> LoadedModel:
     tokenizer = Tokenizer.from_gguf(gf)
     template = ChatTemplate.from_gguf(gf, tokenizer.bos_token, tokenizer.eos_token)
     decoder = build_decoder(gf, config, weights)
-    _release_heap()
+    heap.trim(collect=True)  # the load's temporaries: ~150 MB for SmolLM2 otherwise
     return LoadedModel(
         name, path, gf, config, tokenizer, template, decoder, weights, time.perf_counter() - start
     )
-
-
-def _release_heap() -> None:
-    """Hand the load's freed temporaries back to the OS (glibc keeps ~150 MB of them
-    for SmolLM2 otherwise), so resident memory is the model's own."""
-    gc.collect()
-    libc = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
-    if trim is not None:
-        trim(0)

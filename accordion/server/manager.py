@@ -25,6 +25,7 @@ from typing import Any
 
 import psutil
 
+from accordion import heap
 from accordion.engine.engine import Engine, EngineConfig
 from accordion.errors import AccordionError
 from accordion.loader.chat_template import ChatTemplate
@@ -251,6 +252,7 @@ class ModelManager:
                 self.unload(entry.name)
             elif entry.idle_since is not None and now - entry.idle_since > 2.0:
                 entry.engine.kv.shrink()
+                heap.trim()  # and the requests' temporaries
                 entry.idle_since = None
 
     def stop(self) -> None:
