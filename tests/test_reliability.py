@@ -4,8 +4,11 @@ hostile pages, unbounded bodies, broken model files. Each case against a real se
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -366,6 +369,15 @@ def test_configured_origin_and_api_key(tmp_path: Path) -> None:
         assert client.models.list().data
         r = httpx.get(live.url + "/api/tags", headers={**origin, "authorization": "Bearer s3cret"})
         assert r.headers["access-control-allow-origin"] == origin["origin"]
+        # the CLI sends the key from the same variable the server reads
+        env = {**os.environ, "ACCORDION_HOST": live.url, "ACCORDION_MODELS": str(tmp_path)}
+        env.pop("ACCORDION_API_KEY", None)
+        command = [sys.executable, "-m", "accordion", "list"]
+        refused_cli = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        assert refused_cli.returncode != 0 and "API key" in refused_cli.stderr + refused_cli.stdout
+        keyed_env = {**env, "ACCORDION_API_KEY": "s3cret"}
+        listed = subprocess.run(command, env=keyed_env, capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0 and MODEL in listed.stdout, listed.stderr
     finally:
         live.stop()
 

@@ -6,6 +6,7 @@ Kept free of torch and the server's modules so `accordion ps` starts in a blink.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,7 +46,9 @@ def _error_of(response: httpx.Response) -> ServerError:
 class Client:
     def __init__(self, url: str | None = None) -> None:
         self.url = url or base_url()
-        self._http = httpx.Client(base_url=self.url, timeout=TIMEOUT)
+        key = os.environ.get("ACCORDION_API_KEY")  # the server's own setting, if it has one
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._http = httpx.Client(base_url=self.url, timeout=TIMEOUT, headers=headers)
 
     def close(self) -> None:
         self._http.close()
