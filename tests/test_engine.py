@@ -250,3 +250,53 @@ def test_shift_keeps_generating_past_the_context_limit(tiny_dir: Path) -> None:
     assert shifted.finish_reason == "length" and len(shifted.token_ids) == 60  # hit max_tokens
     assert shifted.token_ids[:20] == capped.token_ids  # the same until the first shift
     assert eng.kv_stats()["used_tokens"] == 0
+
+
+def test_a_failing_sample_ends_only_its_own_sequence(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import accordion.engine.engine as engine_module
+
+    model = tiny(tiny_dir, "llama")
+    eng = engine(model, budget_tokens=400)
+    real = engine_module.sample_one
+    poisoned = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, seed=666)
+
+    def sample(logits, p, history, gen):  # noqa: ANN001, ANN202
+        if p is poisoned and len(history) > 12:
+            raise RuntimeError("a sampler bug")
+        return real(logits, p, history, gen)
+
+    monkeypatch.setattr(engine_module, "sample_one", sample)
+    prompts = prompts_with_shared_prefixes(3, 3)
+    handles = [eng.submit(prompts[0], GREEDY), eng.submit(prompts[1], poisoned)]
+    handles.append(eng.submit(prompts[2], GREEDY))
+    outs = [h.result() for h in handles]
+    assert outs[1].finish_reason == "error" and "sampler bug" in str(outs[1].error)
+    for out, prompt in zip((outs[0], outs[2]), (prompts[0], prompts[2]), strict=True):
+        assert out.error is None and out.token_ids == solo_greedy(model, prompt, 10)
+    assert eng.kv.stats()["used_bytes"] == 0
+
+
+def test_a_failing_forward_step_ends_its_sequences_and_the_engine_goes_on(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import accordion.engine.engine as engine_module
+
+    model = tiny(tiny_dir, "llama")
+    eng = engine(model, budget_tokens=400)
+    real, calls = engine_module.run, []
+
+    def run(decoder, kv, work):  # noqa: ANN001, ANN202
+        calls.append(len(work))
+        if len(calls) == 2:
+            raise RuntimeError("a kernel bug")
+        return real(decoder, kv, work)
+
+    monkeypatch.setattr(engine_module, "run", run)
+    first = eng.submit([1, 2, 3, 4], GREEDY)
+    assert eng.step()  # admitted and prefilled
+    failed = first.result()
+    assert failed.finish_reason == "error" and "kernel bug" in str(failed.error)
+    later = eng.submit([5, 6, 7], GREEDY).result()
+    assert later.error is None and later.token_ids == solo_greedy(model, [5, 6, 7], 10)

@@ -268,3 +268,36 @@ def test_sampling_params_accepts_edge_values() -> None:
     assert p.greedy and p.stop == ["x"]
     assert not SamplingParams(repeat_penalty=1.0).penalized
     assert SamplingParams().penalized  # Ollama's default repeat_penalty is 1.1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-320, 1e-40, 0.7, 50.0])
+def test_non_finite_logits_never_break_sampling(temperature: float) -> None:
+    logits = random_logits(64)
+    logits[3], logits[9], logits[11] = float("nan"), float("inf"), float("-inf")
+    p = params(temperature=temperature, top_k=0, top_p=0.95, min_p=0.01)
+    assert set(draws(logits, p, 30)) == {9}  # +inf dominates; NaN is never chosen
+    logits[9] = 0.0
+    got = draws(logits, params(temperature=temperature), 30)
+    assert 3 not in got and 11 not in got
+
+
+def test_nan_everywhere_is_an_error_not_a_token() -> None:
+    logits = torch.full((16,), float("nan"))
+    for temperature in (0.0, 1.0):
+        with pytest.raises(RuntimeError, match="no finite logit"):
+            draws(logits, params(temperature=temperature), 1)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": float("nan")},
+        {"top_p": float("inf")},
+        {"presence_penalty": -1e308},
+        {"frequency_penalty": 2.01},
+        {"repeat_penalty": float("nan")},
+    ],
+)
+def test_parameters_must_be_finite_and_in_range(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        SamplingParams(**bad)  # type: ignore[arg-type]

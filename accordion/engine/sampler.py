@@ -53,11 +53,12 @@ def sample_one(
         best = int(values.argmax())
         if not np.isnan(values[best]):  # argmax lands on a NaN only if there is one
             return best
-        return int(_finite(logits).numpy().argmax())
     logits = _finite(logits)
     top = float(logits.max())
     if top == -math.inf:
         raise RuntimeError("the model produced no finite logit for this sequence")
+    if p.greedy:
+        return int(logits.numpy().argmax())
     # Shifted by the maximum and with the inverse temperature bounded, the best token's
     # scaled logit is exactly 0 and every other one is finite or -inf: softmax has no NaN.
     logits = (logits - top) * min(1.0 / p.temperature, MAX_INVERSE_TEMPERATURE)
