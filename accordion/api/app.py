@@ -150,9 +150,11 @@ def create_app(manager: ModelManager, store: ModelStore, policy: Policy | None =
     async def version() -> dict:
         return {"version": __version__}
 
-    from accordion.api import ollama, openai, store_routes
+    from accordion.api import ollama, openai, stats_routes, store_routes
 
     app.include_router(ollama.router)
     app.include_router(store_routes.router)
     app.include_router(openai.router)
+    app.include_router(stats_routes.router)
+    stats_routes.mount_dashboard(app)
     return app

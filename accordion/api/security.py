@@ -5,7 +5,7 @@ cross-site requests: bound to a loopback address, the server answers only Host
 names that mean this machine; a browser Origin must be one of the local ones or
 listed in ACCORDION_ORIGINS (comma-separated, `*` wildcards, as OLLAMA_ORIGINS).
 ACCORDION_HOSTS adds Host names; ACCORDION_API_KEY requires
-`Authorization: Bearer <key>` on every route but `/` and `/api/version`, as
+`Authorization: Bearer <key>` on every route but `/`, `/api/version` and the dashboard's files, as
 vLLM's and llama.cpp's `--api-key` do.
 """
 
@@ -26,6 +26,7 @@ LOCAL_ORIGINS = tuple(
 ) + ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
 LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
 OPEN_PATHS = ("/", "/api/version")  # health checks work without the key
+OPEN_PREFIX = "/dashboard"  # the page's static files; its data calls send the key
 
 
 def _split(value: str | None) -> list[str]:
@@ -75,7 +76,7 @@ class Policy:
         return self._listed(origin, [*LOCAL_ORIGINS, *self.origins])
 
     def key_accepted(self, path: str, authorization: str | None) -> bool:
-        if self.api_key is None or path in OPEN_PATHS:
+        if self.api_key is None or path in OPEN_PATHS or path.startswith(OPEN_PREFIX):
             return True
         scheme, _, token = (authorization or "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(

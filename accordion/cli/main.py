@@ -233,14 +233,41 @@ def load(backend: repl.Backend, model: str, keep_alive: str | None) -> None:
 @app.command("ps")
 def ps(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Add KV cache columns.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Refresh the -v table in place.")
+    ] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes (--watch).")] = 1.0,
+    count: Annotated[int, typer.Option(help="Stop after this many refreshes (0: never).")] = 0,
 ) -> None:
     """List running models."""
-    models = client().get("/api/ps").get("models") or []
+    c = client()
+    if not watch:
+        print(_ps_table(c, verbose))
+        return
+    from accordion.cli.watch import watch_ps
+
+    watch_ps(lambda: _ps_table(c, True, sparkline=True), interval, count)
+
+
+def _ps_table(c: Client, verbose: bool, sparkline: bool = False) -> str:
+    models = c.get("/api/ps").get("models") or []
     headers = ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]
     if verbose:
         headers += ["ALLOCATED", "USED", "CACHED", "ACTIVE", "RAM"]
     rows = [_ps_row(m, verbose) for m in models]
-    print(table(headers, rows))
+    if sparkline:  # KV allocated over the last minute, from the server's own samples
+        from accordion.cli.watch import spark
+
+        samples = c.get("/api/stats/history?seconds=60").get("samples") or []
+        headers.append("KV LAST MINUTE")
+        for m, row in zip(models, rows, strict=True):
+            series = [
+                s["models"][m["name"]]["kv"]["allocated_tokens"]
+                for s in samples
+                if m["name"] in s["models"]
+            ]
+            row.append(spark(series))
+    return table(headers, rows)
 
 
 def _ps_row(m: dict[str, Any], verbose: bool) -> list[str]:

@@ -72,6 +72,8 @@ class Engine:
         self.looping = False
         self._stopping = False
         self.steps = 0
+        self.tokens_evaluated = 0  # through the model, prefill and decode (for tokens/s)
+        self.tokens_generated = 0
 
     # -- requests ------------------------------------------------------------------
     def submit(
@@ -175,6 +177,7 @@ class Engine:
                 events += [self._fail(w.seq, e) for w in work]
             else:
                 self.steps += 1
+                self.tokens_evaluated += sum(w.n for w in work)
                 events += [
                     self._advance_one(s, row) for s, row in zip(sampled, logits, strict=True)
                 ]
@@ -212,6 +215,7 @@ class Engine:
             return self._end(seq, "stop", "")
         seq.token_ids.append(token)
         seq.generated.append(token)
+        self.tokens_generated += 1
         text, hit = self._stops[seq.id].feed(self._detok[seq.id].add(token))
         seq.text += text
         if hit:

@@ -31,6 +31,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.failed: list[Sequence] = []  # finished by the scheduler itself (too large)
+        self.preemptions = 0  # ever, for the stats
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -93,6 +94,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.requeue(seq)
         seq.preemptions += 1
+        self.preemptions += 1
 
     def requeue(self, seq: Sequence) -> None:
         """Give back its blocks and wait at the front to be recomputed."""

@@ -31,6 +31,7 @@ from accordion.errors import AccordionError
 from accordion.loader.chat_template import ChatTemplate
 from accordion.loader.model import LoadedModel, load_model
 from accordion.server.durations import parse_keep_alive
+from accordion.server.stats import Stats
 from accordion.server.store import ModelEntry, ModelStore
 
 log = logging.getLogger("accordion.server")
@@ -88,6 +89,8 @@ class ModelManager:
         self.loaded: dict[str, Loaded] = {}
         # called with (model name, RequestOutput) when a request ends: metrics, logs
         self.observers: list[Callable[[str, Any], None]] = []
+        self.stats = Stats()  # samples for /api/stats and the dashboard, taken in `drive`
+        self.observers.append(self.stats.observe)
         self._loading: dict[str, asyncio.Future[Loaded]] = {}
         self._calls: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self.draining: list[Engine] = []  # unloaded while busy: stepped until their requests end
@@ -148,6 +151,7 @@ class ModelManager:
         log.info(
             "loaded model=%s engine=%d seconds=%.2f", name, entry.engine_id, model.load_seconds
         )
+        self.stats.event("load", name)
         return entry
 
     def committed_bytes(self) -> int:
@@ -176,6 +180,7 @@ class ModelManager:
             self.draining.append(entry.engine)  # its requests still get their final event
         self._wake.set()
         log.info("unloaded model=%s engine=%d", name, entry.engine_id)
+        self.stats.event("unload", name)
         return True
 
     # -- requests --------------------------------------------------------------------
@@ -223,6 +228,7 @@ class ModelManager:
         """Step every engine with work; expire and shrink idle ones; until `stop`."""
         while not self._stopping:
             self._run_calls()
+            self.stats.tick(list(self.loaded.values()))
             busy = False
             for entry in list(self.loaded.values()):
                 engine = entry.engine

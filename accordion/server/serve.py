@@ -12,7 +12,7 @@ import uvicorn
 from accordion.api.app import create_app
 from accordion.api.security import Policy
 from accordion.loader.bundled import join_all
-from accordion.server.address import host_port
+from accordion.server.address import base_url, host_port
 from accordion.server.http_protocol import DeadlineH11Protocol
 from accordion.server.manager import ModelManager, freeze_heap
 from accordion.server.store import ModelStore, allowed_paths, default_root
@@ -54,6 +54,9 @@ def serve(address: str | None = None, log_level: str = "info") -> None:
         time.sleep(0.05)
     if not server.started:
         raise SystemExit(f"accordion: could not listen on {host}:{port}")
+    logging.getLogger("accordion.server").info(
+        "dashboard at %s/dashboard/", base_url(f"{host}:{port}")
+    )
     try:
         manager.drive()  # torch work stays on the main thread (see engine/engine.py)
     finally:
