@@ -25,6 +25,8 @@ class TinySpec:
     window: int = 0  # gemma3: sliding window of the local layers
     quant: Q = Q.Q4_0  # type of the big matrices (F32, F16, Q4_0, Q4_1, Q8_0)
     seed: int = 0
+    vocab: int = 0  # pad the byte vocabulary with filler tokens up to this size (0: don't)
+    embed_quant: Q = Q.F32  # type of token_embd (real files quantize it like the rest)
 
 
 def _byte_vocab() -> tuple[list[str], list[str]]:
@@ -54,6 +56,9 @@ def _matrix(rng: np.random.Generator, rows: int, cols: int, scale: float) -> np.
 def write_tiny(path: Path, spec: TinySpec) -> Path:
     rng = np.random.default_rng(spec.seed)
     tokens, merges = _byte_vocab()
+    specials = tokens[-len(SPECIALS) :]
+    fillers = [f"<filler{i}>" for i in range(max(0, spec.vocab - len(tokens)))]
+    tokens = tokens[: -len(SPECIALS)] + fillers + specials
     vocab = len(tokens)
     w = GGUFWriter(str(path), spec.arch)
     w.add_context_length(spec.context)
@@ -91,7 +96,15 @@ def write_tiny(path: Path, spec: TinySpec) -> Path:
         w.add_tensor(name, (around + 0.1 * rng.standard_normal(n)).astype(np.float32))
 
     q_dim, kv_dim = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
-    w.add_tensor("token_embd.weight", _matrix(rng, vocab, spec.hidden, 0.5))
+    embed = _matrix(rng, vocab, spec.hidden, 0.5)
+    if spec.embed_quant == Q.F32:
+        w.add_tensor("token_embd.weight", embed)
+    else:
+        w.add_tensor(
+            "token_embd.weight",
+            quants.quantize(embed, spec.embed_quant),
+            raw_dtype=spec.embed_quant,
+        )
     vec("output_norm.weight", spec.hidden)
     for i in range(spec.layers):
         p = f"blk.{i}."
