@@ -106,7 +106,7 @@ class Guard:
             elif scope["method"] == "OPTIONS" and origin:
                 await _preflight(send_out, headers)
             else:
-                await self.app(scope, _limited(receive), send_out)
+                await self.app(_as_json(scope), _limited(receive), send_out)
         except Exception:
             log.exception("request_id=%s unhandled error", rid)
             if not started:
@@ -135,13 +135,19 @@ class Guard:
         if scope["method"] in ("POST", "PUT", "DELETE", "PATCH"):
             if not _json_type(headers.get("content-type", ""), origin is not None):
                 return 415, "request body must be JSON (Content-Type: application/json)", {}
-            # Ollama reads every body as JSON whatever the client's content type says
-            scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            scope["headers"].append((b"content-type", b"application/json"))
             size = headers.get("content-length", "")
             if size.isdigit() and int(size) > MAX_BODY:
                 return 413, f"request body over {MAX_BODY} bytes", {}
         return None
+
+
+def _as_json(scope: Scope) -> Scope:
+    """Ollama reads every body as JSON whatever its content type says (curl -d's form
+    type passed `_refusal`): FastAPI parses a body only when the type is JSON."""
+    if scope["method"] not in ("POST", "PUT", "DELETE", "PATCH"):
+        return scope
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
 
 
 def _limited(receive: Receive) -> Receive:

@@ -110,8 +110,8 @@ def prepare_chat(
 
 def _longest_tail(encode: Callable[[int], list[int]], total: int, limit: int) -> list[int]:
     """The ids of the most recent messages that fit below `limit` (all `total` do not)."""
-    best = encode(1)  # the newest message always stays
-    if len(best) >= limit or total <= 1:
+    best = encode(1)  # the newest message always stays (total == 1: the whole, too long)
+    if len(best) >= limit:
         raise _too_long(len(best), limit)
     fits, misses = 1, total
     while fits * 2 < misses:  # gallop out from the newest message ...

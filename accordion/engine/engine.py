@@ -182,12 +182,15 @@ class Engine:
                     self._advance_one(s, row) for s, row in zip(sampled, logits, strict=True)
                 ]
         for event in events:
-            handle = self._handles.get(event.seq.id)
-            if handle is not None:
-                handle.push(event)
-            if event.finished:
-                self._forget(event.seq)
+            self._deliver(event)
         return events
+
+    def _deliver(self, event: Event) -> None:
+        handle = self._handles.get(event.seq.id)
+        if handle is not None:
+            handle.push(event)
+        if event.finished:
+            self._forget(event.seq)
 
     def _all(self) -> list[Sequence]:
         return list(self.scheduler.running) + list(self.scheduler.waiting)
@@ -257,11 +260,7 @@ class Engine:
     def fail_all(self, error: Exception) -> None:
         """End every request with `error` (the model itself failed)."""
         for seq in self._all():
-            event = self._fail(seq, error)
-            handle = self._handles.get(seq.id)
-            if handle is not None:
-                handle.push(event)
-            self._forget(seq)
+            self._deliver(self._fail(seq, error))
 
     def _forget(self, seq: Sequence) -> None:
         self._handles.pop(seq.id, None)

