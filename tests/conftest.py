@@ -80,7 +80,7 @@ def paged_logits(
     chunk: int,
 ) -> torch.Tensor:
     """Logits of every position, prefilling `ids` in chunks into the given blocks."""
-    kv = PlainKV(cfg, max(blocks) + 1, block_size, decoder.dtype)
+    kv = PlainKV(cfg, max(blocks) + 1, block_size, decoder.kv_dtype)
     out = []
     with torch.inference_mode():
         for done in range(0, len(ids), chunk):

@@ -59,7 +59,7 @@ def make_config(flags: tuple[bool, ...], window: int, kv_heads: int, head_dim: i
         embed_scale=1.0,
         activation="gelu_tanh" if window else "silu",
         tied_embeddings=True,
-        unpermute_qk=False,
+        rope_interleaved=False,
     )
 
 

@@ -52,9 +52,10 @@ def _prose_ids(name: str, n: int) -> tuple[Path, list[int]]:
     return path, ids
 
 
-# Teacher-forced argmax agreement of the default (bf16/int4) path with the fp32
-# reference. Measured: SmolLM2 99.7% prefill / 99.3% decode, Gemma 3 98.9% / 98.6%
-# (97.0% / 97.1% before the head recomputed its leaders in float32).
+# Teacher-forced argmax agreement of the default path (the file's weights, int16
+# activations) with the fp32 reference. Measured: SmolLM2 100% prefill / 99.7%
+# decode, Gemma 3 99.9% / 99.4% (bf16 activations gave 99.7 / 99.3 and 98.9 / 98.6;
+# int8 activations, llama.cpp's choice, 97.3 / 98.3 on SmolLM2).
 MIN_AGREEMENT = {"smollm2": 0.98, "gemma3": 0.98}
 
 
@@ -101,7 +102,6 @@ def test_head_recomputes_the_leading_logits_in_float32(tiny_dir: Path, arch: str
     assert leaders.sum() > len(ids)  # some rows have several candidates
     torch.testing.assert_close(logits[leaders], exact[leaders], rtol=1e-5, atol=1e-5)
     assert torch.equal(logits.argmax(-1), exact.argmax(-1))
-    assert not torch.allclose(logits[~leaders], exact[~leaders], rtol=1e-5, atol=1e-5)
 
 
 def test_fp32_path_has_no_second_pass(tiny_dir: Path) -> None:

@@ -55,7 +55,7 @@ class Engine:
         self.model = model
         self.config = cfg = config or EngineConfig()
         budget = cfg.kv_budget_bytes or psutil.virtual_memory().available // 2
-        kv_dtype = torch.float32 if model.weights == "fp32" else torch.bfloat16
+        kv_dtype = model.decoder.kv_dtype
         self.kv = KVCache(
             model.config, budget, cfg.block_size, kv_dtype, cfg.segment_tokens, cfg.warm_tokens
         )

@@ -76,7 +76,8 @@ class GGUFFile:
 
     @cached_property
     def _mmap(self) -> np.memmap:
-        return np.memmap(self.path, dtype=np.uint8, mode="r")
+        # copy-on-write: torch takes views of it as writable arrays; nothing writes them
+        return np.memmap(self.path, dtype=np.uint8, mode="c")
 
     def tensor_bytes(self, name: str) -> np.ndarray:
         t = self.tensors[name]

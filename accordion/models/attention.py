@@ -6,10 +6,11 @@ then each sequence attends to its own blocks. A layer's cache is head-major,
 [kv_heads, slots, head_dim] with slot = block * block_size + offset. On CPU we
 take a view when a sequence's blocks are consecutive in the pool (the common
 case: the pool extends a sequence with the block after its last), and call
-`scaled_dot_product_attention`. Decode tokens, one per sequence, go to the
-native paged kernel (native/attention.cpp), which reads every block where it
-lies. Without it, a decode token whose table is a few runs attends to each run
-through a view and merges the parts by their log-sum-exp, and what is more
+`scaled_dot_product_attention`. With the native ops every token, decode or
+prefill, goes to the paged kernel (native/attention.cpp), which reads every
+block where it lies and computes each query alone. Without them, a decode token
+whose table is a few runs attends to each run through a view and merges the
+parts by their log-sum-exp, and what is more
 scattered is gathered (a copy of the whole context, which at 4k tokens costs as
 much as the attention itself). A CUDA backend would replace `attend` with a
 paged kernel reading the same block tables.
@@ -24,14 +25,13 @@ import torch.nn.functional as F
 
 from accordion.models.batched_decode import (
     DecodeGather,
-    PagedDecode,
+    PagedPlan,
     attend_gathered_into,
     attend_paged,
-    attend_paged_into,
     decode_gather,
     gather_slots,
     kernel_fits,
-    paged_decode,
+    paged_plan,
 )
 
 MAX_RUNS = 4  # runs of blocks a decode token reads through views; past this, gather
@@ -87,7 +87,7 @@ class AttentionBatch:
     _masks: dict[tuple[int, int], torch.Tensor | None] = field(default_factory=dict, repr=False)
     # per window, built on first use and shared by all layers (see batched_decode)
     gather_plans: dict[int, DecodeGather | None] = field(default_factory=dict, repr=False)
-    paged_plans: dict[int, PagedDecode | None] = field(default_factory=dict, repr=False)
+    paged_plans: dict[int, PagedPlan] = field(default_factory=dict, repr=False)
 
     def key_range(self, s: SeqSlice, window: int) -> tuple[int, int]:
         """Absolute positions [lo, hi) of the keys any new token of `s` may see."""
@@ -147,19 +147,15 @@ def attend(
     native: bool = False,
 ) -> torch.Tensor:
     """q [T, heads, head_dim] -> [T, heads, head_dim] attending over each sequence's cache.
-    `native`: decode tokens go to native/attention.cpp, alone or batched (the same
-    kernel either way, so a sequence's numbers do not depend on its batch)."""
-    kernel = native and kernel_fits(q, k_cache)
-    plan = paged_decode(batch, window) if kernel else None
-    if plan is not None and plan.rows is None:  # a step of decode tokens only
-        return attend_paged(q, k_cache, v_cache, plan, scale)
+    `native`: every token goes to native/attention.cpp, decode or prefill, which
+    computes each alone, so a token's numbers depend neither on its batch nor on
+    how its prompt was cut in chunks."""
+    if native and kernel_fits(q, k_cache):
+        return attend_paged(q, k_cache, v_cache, paged_plan(batch, window), scale)
     if len(batch.seqs) == 1:  # one sequence: its output is the whole output, no copy
         return _attend_one(q, k_cache, v_cache, batch, 0, scale, window).transpose(0, 1)
     out = torch.empty_like(q)
-    if kernel:
-        done = attend_paged_into(out, q, k_cache, v_cache, plan, scale)
-    else:
-        done = attend_gathered_into(out, q, k_cache, v_cache, decode_gather(batch, window), scale)
+    done = attend_gathered_into(out, q, k_cache, v_cache, decode_gather(batch, window), scale)
     for i, s in enumerate(batch.seqs):
         if i not in done:
             o = _attend_one(q, k_cache, v_cache, batch, i, scale, window)

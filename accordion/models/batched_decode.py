@@ -1,10 +1,11 @@
-"""Decode tokens of many sequences attended in one call per layer.
+"""Query tokens of many sequences attended in one call per layer.
 
-Natively (native/attention.cpp) each sequence's keys are read where they lie in
-the paged cache. Without the native ops the scattered ones are gathered into one
-padded batch for a single scaled_dot_product_attention call; sequences whose
-blocks are one run attend through views instead (see attention._attend_one).
-Plans are built once per step and layer group and shared by all its layers.
+Natively (native/attention.cpp) every query token, decode or prefill, reads its
+keys where they lie in the paged cache. Without the native ops scattered decode
+tokens are gathered into one padded batch for a single
+scaled_dot_product_attention call; sequences whose blocks are one run attend
+through views instead (see attention._attend_one). Plans are built once per
+step and layer group and shared by all its layers.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -62,34 +64,35 @@ def decode_gather(batch: AttentionBatch, window: int) -> DecodeGather | None:
 
 
 @dataclass
-class PagedDecode:
-    """Decode sequences (one new token each) for native/attention.cpp, which reads
-    their keys from the cache in place, span by span: no gather, one call per layer."""
+class PagedPlan:
+    """Every query token of a step for native/attention.cpp, which reads each one's
+    keys from the cache in place, run by run: no gather, one call per layer."""
 
-    rows: torch.Tensor | None  # long [B]: their rows in the flat batch; None = all, in order
-    members: list[int]
     spans: torch.Tensor  # long [n, 2]: slot ranges [a, b), each sequence's in order
-    offsets: torch.Tensor  # long [B + 1]: sequence i owns spans[offsets[i]:offsets[i + 1]]
+    ranges: torch.Tensor  # long [T, 4]: a query's runs [first, last) and keys [lo, hi)
 
 
-def paged_decode(batch: AttentionBatch, window: int) -> PagedDecode | None:
-    """Built once per step and window, shared by all layers; None without decode tokens."""
+def paged_plan(batch: AttentionBatch, window: int) -> PagedPlan:
+    """Built once per step and window, shared by all layers. A query at position p
+    sees the keys [p - window + 1, p] (all from the sequence's first with no window),
+    as a decode step of that token alone would: its result depends on it alone."""
     if window in batch.paged_plans:
         return batch.paged_plans[window]
-    members = [i for i, s in enumerate(batch.seqs) if s.q_len == 1]
-    plan = None
-    if members:
-        spans, offsets = [], [0]
-        for i in members:
-            spans += batch.spans(batch.seqs[i], window)
-            offsets.append(len(spans))
-        rows = [batch.seqs[i].q_start for i in members]
-        plan = PagedDecode(
-            None if rows == list(range(len(batch.slots))) else torch.tensor(rows),
-            members,
-            torch.tensor(spans, dtype=torch.long),
-            torch.tensor(offsets, dtype=torch.long),
-        )
+    spans: list[tuple[int, int]] = []
+    ranges = []
+    for s in batch.seqs:
+        lo, hi = batch.key_range(s, window)
+        first = len(spans)
+        spans += batch.spans(s, window)
+        pos = np.arange(hi - s.q_len, hi)  # the new tokens' positions
+        keys_lo = np.maximum(pos - window + 1, s.start_pos) if window else np.full_like(pos, lo)
+        block = np.empty((s.q_len, 4), np.int64)
+        block[:, 0], block[:, 1] = first, len(spans)
+        block[:, 2], block[:, 3] = keys_lo - lo, pos + 1 - lo
+        ranges.append(block)
+    plan = PagedPlan(
+        torch.tensor(spans, dtype=torch.long), torch.from_numpy(np.concatenate(ranges))
+    )
     batch.paged_plans[window] = plan
     return plan
 
@@ -113,29 +116,10 @@ def attend_paged(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    plan: PagedDecode,
+    plan: PagedPlan,
     scale: float,
 ) -> torch.Tensor:
-    qs = q if plan.rows is None else q.index_select(0, plan.rows)
-    return torch.ops.accordion.decode_attention(
-        qs, k_cache, v_cache, plan.spans, plan.offsets, scale
-    )
-
-
-def attend_paged_into(
-    out: torch.Tensor,
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    plan: PagedDecode | None,
-    scale: float,
-) -> set[int]:
-    """The decode tokens' rows of `out`; returns the sequences done."""
-    if plan is None:
-        return set()
-    assert plan.rows is not None
-    out.index_copy_(0, plan.rows, attend_paged(q, k_cache, v_cache, plan, scale))
-    return set(plan.members)
+    return torch.ops.accordion.paged_attention(q, k_cache, v_cache, plan.spans, plan.ranges, scale)
 
 
 def attend_gathered_into(

@@ -9,21 +9,17 @@ from accordion.errors import UnsupportedModelError
 from accordion.loader.gguf_file import GGUFFile
 from accordion.models.config import ModelConfig
 from accordion.models.decoder import BlockWeights, Decoder
-from accordion.models.head import ExactRows
+from accordion.models.head import DenseRows, ExactRows
 from accordion.models.layers import Rope
-from accordion.models.linear import WEIGHT_MODES, Linear, Matrix, stack_rows
-from accordion.models.quant import dequantize, int4_terms, type_name
-
-
-def activation_dtype(mode: str) -> torch.dtype:
-    return torch.float32 if mode == "fp32" else torch.bfloat16
+from accordion.models.linear import WEIGHT_MODES, Linear
+from accordion.models.quant import dequantize, kernel_weights, type_name
 
 
 class _Tensors:
     """Reads named tensors from the file; names the missing one in the error."""
 
-    def __init__(self, gf: GGUFFile) -> None:
-        self.gf = gf
+    def __init__(self, gf: GGUFFile, mode: str) -> None:
+        self.gf, self.mode = gf, mode
 
     def has(self, name: str) -> bool:
         return name in self.gf.tensors
@@ -38,26 +34,23 @@ class _Tensors:
         info = self._info(name)
         return dequantize(self.gf.tensor_bytes(name), info.ggml_type, info.shape)
 
-    def matrix(self, name: str) -> Matrix:
+    def matrix(self, name: str) -> torch.Tensor:
+        """A view of the file's matrix for the kernel (`fp32`: a float32 copy)."""
         info = self._info(name)
         if len(info.shape) != 2:
             raise UnsupportedModelError(f"{name}: expected a matrix, got shape {info.shape}")
         raw = self.gf.tensor_bytes(name)
-        rows, cols = info.shape
-        terms = int4_terms(raw, info.ggml_type, info.shape)
-        if terms is not None:
-            return Matrix(rows, cols, int4=terms)
         try:
-            return Matrix(rows, cols, dense=dequantize(raw, info.ggml_type, info.shape))
+            if self.mode == "fp32":
+                return torch.from_numpy(dequantize(raw, info.ggml_type, info.shape))
+            return kernel_weights(raw, info.ggml_type, info.shape)
         except (ValueError, KeyError) as e:
             kind = type_name(info.ggml_type)
             raise UnsupportedModelError(f"{name}: tensor type {kind} unsupported ({e})") from None
 
-
-def unpermute_order(rows: int, n_heads: int) -> np.ndarray:
-    """Row order that undoes llama.cpp's Q/K interleaving (back to rotate-half layout)."""
-    head_dim = rows // n_heads
-    return np.arange(rows).reshape(n_heads, head_dim // 2, 2).transpose(0, 2, 1).reshape(-1)
+    def rows(self, name: str) -> ExactRows:
+        info = self._info(name)
+        return ExactRows(self.gf.tensor_bytes(name), info.ggml_type, *info.shape)
 
 
 def _norm(t: _Tensors, name: str) -> torch.Tensor | None:
@@ -67,18 +60,12 @@ def _norm(t: _Tensors, name: str) -> torch.Tensor | None:
 
 def _block(cfg: ModelConfig, t: _Tensors, i: int, mode: str) -> BlockWeights:
     p = f"blk.{i}."
-    q, k, v = (t.matrix(f"{p}attn_{x}.weight") for x in "qkv")
     bias = None
     if cfg.qkv_bias:
         bias = np.concatenate([t.vector(f"{p}attn_{x}.bias") for x in "qkv"])
-    if cfg.unpermute_qk:
-        q = q.permute_rows(unpermute_order(q.rows, cfg.n_heads))
-        k = k.permute_rows(unpermute_order(k.rows, cfg.n_kv_heads))
-        if bias is not None:
-            qb, kb, vb = np.split(bias, [q.rows, q.rows + k.rows])
-            qb = qb[unpermute_order(q.rows, cfg.n_heads)]
-            bias = np.concatenate([qb, kb[unpermute_order(k.rows, cfg.n_kv_heads)], vb])
-    gate_up = stack_rows([t.matrix(f"{p}ffn_gate.weight"), t.matrix(f"{p}ffn_up.weight")])
+
+    def matrices(*names: str) -> list[torch.Tensor]:
+        return [t.matrix(f"{p}{name}.weight") for name in names]
 
     def norm(name: str) -> torch.Tensor | None:
         return _norm(t, p + name)
@@ -87,11 +74,11 @@ def _block(cfg: ModelConfig, t: _Tensors, i: int, mode: str) -> BlockWeights:
     assert attn_norm is not None and ffn_norm is not None
     return BlockWeights(
         attn_norm=attn_norm,
-        qkv=Linear(stack_rows([q, k, v]), mode, bias),
-        o=Linear(t.matrix(f"{p}attn_output.weight"), mode),
+        qkv=Linear(matrices("attn_q", "attn_k", "attn_v"), mode, bias),
+        o=Linear(matrices("attn_output"), mode),
         ffn_norm=ffn_norm,
-        gate_up=Linear(gate_up, mode),
-        down=Linear(t.matrix(f"{p}ffn_down.weight"), mode),
+        gate_up=Linear(matrices("ffn_gate", "ffn_up"), mode),
+        down=Linear(matrices("ffn_down"), mode),
         q_norm=norm("attn_q_norm.weight"),
         k_norm=norm("attn_k_norm.weight"),
         post_attn_norm=norm("post_attention_norm.weight"),
@@ -99,7 +86,7 @@ def _block(cfg: ModelConfig, t: _Tensors, i: int, mode: str) -> BlockWeights:
     )
 
 
-def _ropes(cfg: ModelConfig, gf: GGUFFile, t: _Tensors, dtype: torch.dtype) -> dict[float, Rope]:
+def _ropes(cfg: ModelConfig, gf: GGUFFile, t: _Tensors) -> dict[float, Rope]:
     factors = None
     if t.has("rope_freqs.weight"):
         factors = torch.from_numpy(t.vector("rope_freqs.weight").copy())
@@ -107,29 +94,31 @@ def _ropes(cfg: ModelConfig, gf: GGUFFile, t: _Tensors, dtype: torch.dtype) -> d
     if gf.arch_get("rope.scaling.type") == "linear":
         scale = 1.0 / float(gf.arch_get("rope.scaling.factor", 1.0) or 1.0)
     bases = {cfg.rope_base, cfg.rope_base_local}
-    return {b: Rope(cfg.head_dim, b, torch.float32, factors, scale) for b in bases}
+    return {
+        b: Rope(cfg.head_dim, b, torch.float32, factors, scale, cfg.rope_interleaved) for b in bases
+    }
 
 
 def build_decoder(gf: GGUFFile, cfg: ModelConfig, mode: str = "auto") -> Decoder:
     if mode not in WEIGHT_MODES:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {mode!r}")
-    t, dtype = _Tensors(gf), activation_dtype(mode)
-    embed_m = t.matrix("token_embd.weight")
+    t = _Tensors(gf, mode)
     head_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
-    head_m = embed_m if cfg.tied_embeddings else t.matrix(head_name)
-    lm_head = Linear(head_m, mode)
+    lm_head = Linear([t.matrix(head_name)], mode)
+    embed_rows = t.rows("token_embd.weight")
     exact_head = None
-    if dtype != torch.float32:  # the fast head's leaders get recomputed from the file
-        info = gf.tensors[head_name]
-        exact_head = ExactRows(gf.tensor_bytes(head_name), info.ggml_type, *info.shape)
-        lm_head.approximate_rows()
-    if cfg.tied_embeddings and lm_head.dense is not None:
-        embed = lm_head.dense  # one dense copy serves both the lookup and the head
-    else:
-        embed = embed_m.dense_tensor(dtype)
+    if mode != "fp32":  # the head's leaders get recomputed in float32 from the file
+        exact_head = embed_rows if cfg.tied_embeddings else t.rows(head_name)
+    embed: ExactRows | DenseRows = embed_rows
+    if mode == "fp32":  # float32 rows: the head's copy when it is the same matrix
+        dense = lm_head.dense if cfg.tied_embeddings else t.matrix("token_embd.weight")
+        assert dense is not None
+        embed = DenseRows(dense)
     blocks = [_block(cfg, t, i, mode) for i in range(cfg.n_layers)]
     out_norm = _norm(t, "output_norm.weight")
     if out_norm is None:
         raise UnsupportedModelError(f"{gf.path.name}: tensor 'output_norm.weight' is missing")
-    ropes = _ropes(cfg, gf, t, dtype)
-    return Decoder(cfg, embed, blocks, out_norm, lm_head, ropes, dtype, exact_head)
+    # K and V in bf16 halve the cache; fp32, the reference, keeps them exact
+    kv_dtype = torch.float32 if mode == "fp32" else torch.bfloat16
+    ropes = _ropes(cfg, gf, t)
+    return Decoder(cfg, embed, blocks, out_norm, lm_head, ropes, kv_dtype, exact_head)

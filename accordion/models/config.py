@@ -34,7 +34,9 @@ class ModelConfig:
     embed_scale: float  # gemma3 multiplies embeddings by sqrt(hidden)
     activation: str  # "silu" or "gelu_tanh"
     tied_embeddings: bool
-    unpermute_qk: bool  # llama.cpp's converter interleaves Q/K rows for llama models
+    # llama.cpp's converter interleaves Q/K rows for llama models: RoPE then rotates
+    # adjacent pairs (GGML's "normal" mode) instead of the halves of a head (NeoX)
+    rope_interleaved: bool
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -94,5 +96,5 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         embed_scale=math.sqrt(hidden) if gemma else 1.0,
         activation="gelu_tanh" if gemma else "silu",
         tied_embeddings="output.weight" not in gf.tensors,
-        unpermute_qk=arch in ("llama", "mistral"),
+        rope_interleaved=arch in ("llama", "mistral"),
     )

@@ -15,7 +15,7 @@ import torch
 from accordion import native
 from accordion.models.attention import AttentionBatch, attend, write_kv
 from accordion.models.config import ModelConfig
-from accordion.models.head import ExactRows, rescore
+from accordion.models.head import DenseRows, ExactRows, rescore
 from accordion.models.layers import ACTIVATIONS, RMSNorm, Rope, apply_rope, gelu_tanh
 from accordion.models.linear import Linear
 
@@ -51,9 +51,9 @@ class BlockWeights:
 
 
 class Block(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int, w: BlockWeights, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, index: int, w: BlockWeights) -> None:
         super().__init__()
-        self.cfg, self.index, self.w, self.dtype = cfg, index, w, dtype
+        self.cfg, self.index, self.w = cfg, index, w
         self.window = cfg.sliding_window if cfg.window_layers[index] else 0
         self.act = ACTIVATIONS[cfg.activation]
         self.q_size = cfg.n_heads * cfg.head_dim
@@ -93,17 +93,16 @@ class Block(torch.nn.Module):
         cfg, w, t = self.cfg, self.w, x.shape[0]
         if self.native:
             return torch.ops.accordion.block_queries(
-                x, *self._native_q, *rope, kv[0], kv[1], slots,
-                cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.dtype,
+                x, *self._native_q, *rope, cfg.rope_interleaved, kv[0], kv[1], slots,
+                cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
             )  # fmt: skip
         # heads of Q, K and V side by side: [T, heads + 2 * kv_heads, head_dim]
-        # norms read the float32 residual stream and hand the matmul its dtype
-        heads = w.qkv(self.attn_norm(x, self.dtype)).view(t, -1, cfg.head_dim)
+        heads = w.qkv(self.attn_norm(x)).view(t, -1, cfg.head_dim)
         n_qk = cfg.n_heads + cfg.n_kv_heads
-        qk, v = heads[:, :n_qk].float(), heads[:, n_qk:]  # V goes to the cache as it is
+        qk, v = heads[:, :n_qk], heads[:, n_qk:]  # V goes to the cache as it is
         if self.qk_norm is not None:
             qk = self.qk_norm(qk)
-        qk = apply_rope(qk, *rope)  # one rotation serves Q and K
+        qk = apply_rope(qk, *rope, cfg.rope_interleaved)  # one rotation serves Q and K
         q, k = qk[:, : cfg.n_heads], qk[:, cfg.n_heads :]
         write_kv(kv[0], kv[1], k, v, slots)
         return q.to(kv[0].dtype)
@@ -113,16 +112,16 @@ class Block(torch.nn.Module):
         the residual stream x (float32); returns the new stream."""
         w, t = self.w, x.shape[0]
         if self.native:
-            return torch.ops.accordion.block_finish(x, attn, *self._native_f, self.dtype)
-        o = w.o(attn.reshape(t, self.q_size).to(self.dtype))
+            return torch.ops.accordion.block_finish(x, attn, *self._native_f)
+        o = w.o(attn.reshape(t, self.q_size).float())
         if self.post_attn_norm is not None:
-            o = self.post_attn_norm(o.float())
-        x = x + o  # float32 + bf16 is float32: the residual stream keeps its precision
-        gate_up = w.gate_up(self.ffn_norm(x, self.dtype)).float()
+            o = self.post_attn_norm(o)
+        x = x + o
+        gate_up = w.gate_up(self.ffn_norm(x))
         n = gate_up.shape[-1] // 2
-        o = w.down((self.act(gate_up[:, :n]) * gate_up[:, n:]).to(self.dtype))
+        o = w.down(self.act(gate_up[:, :n]) * gate_up[:, n:])
         if self.post_ffn_norm is not None:
-            o = self.post_ffn_norm(o.float())
+            o = self.post_ffn_norm(o)
         return x + o
 
     def use_native(self, on: bool) -> None:
@@ -134,8 +133,8 @@ class Block(torch.nn.Module):
             return
         w = self.w
 
-        def lin(m: Linear) -> tuple[list[torch.Tensor | None], int]:
-            return m.native_terms(), m.int4_max_rows
+        def lin(m: Linear) -> tuple[list[torch.Tensor | None]]:
+            return (m.native_terms(),)
 
         def norm(n: RMSNorm | None) -> tuple[torch.Tensor | None, float]:
             return (None, 0.0) if n is None else (n.weight, n.eps)
@@ -152,22 +151,21 @@ class Decoder(torch.nn.Module):
     def __init__(
         self,
         cfg: ModelConfig,
-        embed: torch.Tensor,
+        embed: ExactRows | DenseRows,
         blocks: list[BlockWeights],
         out_norm: torch.Tensor,
         lm_head: Linear,
         ropes: dict[float, Rope],
-        dtype: torch.dtype,
+        kv_dtype: torch.dtype,
         exact_head: ExactRows | None = None,
     ) -> None:
         super().__init__()
-        self.cfg, self.dtype = cfg, dtype
+        self.cfg, self.kv_dtype = cfg, kv_dtype  # what the KV cache stores
         self.exact_head = exact_head  # None when the head is already float32
-        self.embed = embed  # [vocab, hidden] in the activation dtype
-        self.blocks = torch.nn.ModuleList(Block(cfg, i, w, dtype) for i, w in enumerate(blocks))
+        self.embed = embed  # token ids -> float32 rows
+        self.blocks = torch.nn.ModuleList(Block(cfg, i, w) for i, w in enumerate(blocks))
         self.out_norm = RMSNorm(out_norm, cfg.norm_eps)
         self.lm_head, self.ropes = lm_head, ropes
-        self.embed_scale = torch.tensor(cfg.embed_scale, dtype=dtype).float()
 
     def use_native(self, on: bool) -> None:
         """Every block on the native ops (when built) or on the Python path."""
@@ -185,7 +183,7 @@ class Decoder(torch.nn.Module):
     def forward(self, batch: ForwardBatch, kv: PagedKV) -> torch.Tensor:
         """Next-token logits (float32) for batch.sample_rows."""
         h = self.out_norm(self.residual(batch, kv)[batch.sample_rows])
-        logits = self.lm_head(h.to(self.dtype)).float()
+        logits = self.lm_head(h)
         if self.exact_head is not None:
             rescore(logits, h, self.exact_head)
         return logits
@@ -193,9 +191,9 @@ class Decoder(torch.nn.Module):
     def residual(self, batch: ForwardBatch, kv: PagedKV) -> torch.Tensor:
         """The residual stream [T, hidden] after the last block (float32), before the
         final norm: what a step that only fills the cache needs."""
-        x = self.embed[batch.tokens].float()  # the residual stream stays float32
+        x = torch.from_numpy(self.embed(batch.tokens.numpy()))  # float32 throughout
         if self.cfg.embed_scale != 1.0:
-            x = x * self.embed_scale
+            x = x * self.cfg.embed_scale
         tables = {base: rope.tables(batch.positions) for base, rope in self.ropes.items()}
         for i, block in enumerate(self.blocks):
             group = kv.group_of(i)
@@ -203,10 +201,11 @@ class Decoder(torch.nn.Module):
         return x
 
     def nbytes(self) -> int:
+        """Bytes the weights occupy: the mapped file's tensors (or the fp32 copies)."""
         linears = [self.lm_head] + [
             lin for b in self.blocks for lin in (b.w.qkv, b.w.o, b.w.gate_up, b.w.down)
         ]
         total = sum(lin.nbytes() for lin in linears)
-        if self.lm_head.dense is None or self.embed.data_ptr() != self.lm_head.dense.data_ptr():
-            total += self.embed.numel() * self.embed.element_size()
+        if not self.cfg.tied_embeddings:  # else the head's bytes are the embedding's
+            total += self.embed.nbytes()
         return total

@@ -1,8 +1,8 @@
 """Logits: a fast pass over the vocabulary, then the leaders recomputed exactly.
 
-The fast pass (the int4 kernel or the bf16 GEMM) rounds the hidden state, the
-weights and each logit to bf16: near a logit of 20 one bf16 step is 0.125,
-enough to swap two near-tied tokens. So every token whose fast logit is within
+The fast pass (native/qmatmul.cpp) rounds the hidden state to int8 per block of
+32: near a logit of 20 that moves a logit by up to a few tenths, enough to swap
+two near-tied tokens. So every token whose fast logit is within
 MARGIN of its row's fast maximum is recomputed in float32, from the float32
 hidden state and the weights as the file stores them (a few rows dequantized
 per step). The argmax is then the one float32 arithmetic gives; the other
@@ -24,7 +24,8 @@ MARGIN = 2.0
 
 
 class ExactRows:
-    """Rows of the output matrix dequantized on demand from the file's own bytes."""
+    """Rows of a matrix dequantized on demand from the file's own bytes: the
+    embedding lookup, and the output head's leaders."""
 
     def __init__(self, raw: np.ndarray, ggml_type: int, rows: int, cols: int) -> None:
         self.raw = raw.reshape(rows, -1)  # one row's blocks per line (a view of the map)
@@ -33,6 +34,22 @@ class ExactRows:
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         """float32 [len(ids), cols]."""
         return dequantize(self.raw[ids], self.ggml_type, (len(ids), self.cols))
+
+    def nbytes(self) -> int:
+        return self.raw.nbytes
+
+
+class DenseRows:
+    """Rows of a float32 matrix already in memory (the `fp32` mode's embedding)."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        self.w = w
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        return self.w.numpy()[ids]
+
+    def nbytes(self) -> int:
+        return self.w.numel() * self.w.element_size()
 
 
 def rescore(logits: torch.Tensor, hidden: torch.Tensor, rows: ExactRows) -> None:

@@ -29,10 +29,11 @@ class RMSNorm:
 
 
 class Rope:
-    """Rotary embeddings in the rotate-half (NeoX) layout, tables grown on demand.
+    """Rotary embeddings, tables grown on demand, in the rotate-half (NeoX) layout
+    or the interleaved one (pairs 2i, 2i + 1: llama files as llama.cpp writes them).
 
-    The sin table carries rotate-half's signs (-sin on the first half), so a
-    rotation is x * cos + roll(x, half) * sin: three kernels instead of six.
+    The sin table carries the rotation's signs (-sin on the first of each pair), so
+    a rotation is x * cos + partner(x) * sin: three kernels instead of six.
     """
 
     def __init__(
@@ -42,20 +43,26 @@ class Rope:
         dtype: torch.dtype,
         freq_factors: torch.Tensor | None = None,
         position_scale: float = 1.0,
+        interleaved: bool = False,
     ) -> None:
         inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         if freq_factors is not None:  # llama 3.1-style long-context scaling, per frequency
             inv = inv / freq_factors.to(torch.float64)
         self.inv_freq = inv * position_scale
-        self.dtype = dtype
+        self.dtype, self.interleaved = dtype, interleaved
         self.cos = torch.empty(0, head_dim, dtype=dtype)
         self.sin = torch.empty(0, head_dim, dtype=dtype)
 
     def _grow(self, n: int) -> None:
         size = max(n, 2 * self.cos.shape[0], 256)
         angles = torch.outer(torch.arange(size, dtype=torch.float64), self.inv_freq)
-        self.cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(self.dtype)
-        self.sin = torch.cat([-angles.sin(), angles.sin()], dim=-1).to(self.dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if self.interleaved:
+            self.cos = cos.repeat_interleave(2, -1).to(self.dtype)
+            self.sin = torch.stack([-sin, sin], -1).flatten(-2).to(self.dtype)
+        else:
+            self.cos = torch.cat([cos, cos], dim=-1).to(self.dtype)
+            self.sin = torch.cat([-sin, sin], dim=-1).to(self.dtype)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, signed sin as [T, 1, head_dim] for the given positions."""
@@ -65,9 +72,15 @@ class Rope:
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False
+) -> torch.Tensor:
     """x [T, heads, head_dim] rotated by position (sin as Rope.tables signs it)."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+    if interleaved:
+        partner = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    else:
+        partner = x.roll(x.shape[-1] // 2, -1)
+    return torch.addcmul(x * cos, partner, sin)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

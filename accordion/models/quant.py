@@ -1,33 +1,28 @@
-"""GGUF tensor bytes -> numbers torch can use.
+"""GGUF tensor bytes -> what the matrix kernel reads, and its float reference.
 
-Q4_0, Q4_1 and Q4_K store 4-bit values in groups of 32 with one scale and one
-offset per group; that is exactly torch's int4 group-32 layout
-(w = (q - 8) * scale + zero), so those weights stay 4-bit without loss beyond
-rounding the scale and zero to the activation dtype. Q8_0 splits exactly into
-two such terms (q = 16 * high nibble + low nibble), which read less memory than
-a bf16 copy. Everything else is dequantized with the `gguf` package's own
-decoders.
+The kernel (native/qmatmul.cpp) reads Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and
+Q6_K blocks where the file maps them, and F32/F16/BF16 rows likewise: a model's
+weights take the file's size in memory and nothing is converted at load. Other
+types (Q2_K, Q3_K, the IQ family) are dequantized to bf16 once, with the `gguf`
+package's own decoders. `reference_matmul` is the same product in numpy: the
+activations quantized as the kernel quantizes them, the weights dequantized by
+`gguf`; the path without native ops, and what the tests hold the kernel to.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from accordion.errors import UnsupportedModelError
 
 Q = GGMLQuantizationType
-INT4_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0})
-GROUP = 32
-
-
-@dataclass
-class Int4Groups:
-    q: np.ndarray  # uint8 [N, K], values 0..15
-    scale: np.ndarray  # float32 [N, K // 32]
-    zero: np.ndarray  # float32 [N, K // 32]
+# block types the kernel reads as they are, told apart by their block's byte size
+KERNEL_BLOCKS = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+FLOAT_VIEWS = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+GROUP = 32  # activation values per scale
+LEVELS = 32767  # activations are int16 multiples of max|x| / LEVELS
 
 
 def type_name(ggml_type: int) -> str:
@@ -37,66 +32,23 @@ def type_name(ggml_type: int) -> str:
         return f"type {ggml_type}"
 
 
-def _blocks(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> np.ndarray:
-    block_elems, block_bytes = GGML_QUANT_SIZES[Q(ggml_type)]
-    n_rows, k = shape[0], int(np.prod(shape[1:]))
-    return raw.reshape(n_rows, k // block_elems, block_bytes)
-
-
-def _f16(b: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)[..., 0]
-
-
-def _low_high(qs: np.ndarray) -> np.ndarray:
-    """16 packed bytes -> 32 nibbles: low nibbles are elements 0..15, high 16..31."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-
-
-def int4_terms(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> list[Int4Groups] | None:
-    """Int4 group-32 matrices that sum exactly to a Q4_0/Q4_1/Q4_K/Q8_0 matrix, else None."""
-    if ggml_type not in INT4_TYPES or len(shape) != 2 or shape[1] % GROUP:
-        return None
-    n = shape[0]
-    b = _blocks(raw, ggml_type, shape)
-    if ggml_type == Q.Q8_0:
-        d = _f16(b[..., 0:2])
-        u = b[..., 2:34]  # int8 q as its two's-complement byte
-        # q = 16 * (high - 8) + low: the signed high nibble plus 8 is the unsigned one
-        # with its top bit flipped, so both come from the byte without widening
-        high, low = (u >> 4) ^ 8, u & 0x0F
-        return [_groups(n, high, 16 * d, np.zeros_like(d)), _groups(n, low, d, 8 * d)]
-    if ggml_type == Q.Q4_0:
-        d = _f16(b[..., 0:2])
-        q = _low_high(b[..., 2:18])
-        scale, zero = d, np.zeros_like(d)
-    elif ggml_type == Q.Q4_1:
-        d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-        q = _low_high(b[..., 4:20])
-        scale, zero = d, m + 8 * d
-    else:  # Q4_K: 256-element super-blocks of 8 sub-blocks with 6-bit scales and mins
-        nb = b.shape[1]
-        d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-        sc, mn = quants.Q4_K.get_scale_min(np.ascontiguousarray(b[..., 4:16]).reshape(-1, 12))
-        sc = sc.reshape(n, nb, 8).astype(np.float32)
-        mn = mn.reshape(n, nb, 8).astype(np.float32)
-        # each 32 bytes hold two sub-blocks: low nibbles first, then high nibbles
-        qs = b[..., 16:144].reshape(n, nb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)
-        q = (qs & 0x0F).reshape(n, nb, 8, 32)
-        scale = d[..., None] * sc
-        zero = 8 * scale - dmin[..., None] * mn
-    return [_groups(n, q, scale, zero)]
-
-
-def _groups(n: int, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> Int4Groups:
-    return Int4Groups(
-        np.ascontiguousarray(q.reshape(n, -1)),
-        scale.reshape(n, -1).astype(np.float32),
-        zero.reshape(n, -1).astype(np.float32),
-    )
+def kernel_weights(raw: np.ndarray, ggml_type: int, shape: tuple[int, int]) -> torch.Tensor:
+    """A matrix as the kernel reads it: uint8 [rows, blocks, block bytes] or float
+    [rows, cols], a view of `raw` (no copy) for every type it knows, else bf16."""
+    rows, cols = shape
+    t = Q(ggml_type)
+    if t in FLOAT_VIEWS:
+        view = torch.from_numpy(raw).view(FLOAT_VIEWS[t])
+        return view.view(rows, cols)
+    if t in KERNEL_BLOCKS:
+        block_elems, block_bytes = GGML_QUANT_SIZES[t]
+        if cols % block_elems == 0:
+            return torch.from_numpy(raw).view(rows, cols // block_elems, block_bytes)
+    return torch.from_numpy(dequantize(raw, ggml_type, shape)).to(torch.bfloat16)
 
 
 def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Any supported GGUF type -> float32 array of `shape`."""
+    """Any supported GGUF type -> float32 array of `shape` (a new array)."""
     t = Q(ggml_type)
     if t == Q.F32:  # a copy: the file is mapped read-only
         return raw.view(np.float32).reshape(shape).copy()
@@ -107,3 +59,40 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> np.nd
     except NotImplementedError:
         raise UnsupportedModelError(f"tensor type {t.name} is not supported") from None
     return out.reshape(shape).astype(np.float32, copy=False)
+
+
+def weights_dense(w: torch.Tensor, chunk: int = 8192) -> np.ndarray:
+    """float32 [rows, cols] of a matrix in the kernel's form, a few MB at a time."""
+    if w.dtype != torch.uint8:
+        return w.float().numpy()
+    rows, blocks, nbytes = w.shape
+    t = next(t for t in KERNEL_BLOCKS if GGML_QUANT_SIZES[t][1] == nbytes)
+    cols = blocks * GGML_QUANT_SIZES[t][0]
+    out = np.empty((rows, cols), np.float32)
+    raw = w.numpy().reshape(rows, -1)
+    for i in range(0, rows, chunk):
+        part = raw[i : i + chunk]
+        out[i : i + chunk] = dequantize(part, t, (part.shape[0], cols))
+    return out
+
+
+def quantize_activations(x: np.ndarray) -> np.ndarray:
+    """x float32 [M, K] as the kernel sees it: per 32 values, q = rint(x * LEVELS / amax)
+    and the value q * (amax / LEVELS), all in float32."""
+    g = x.reshape(x.shape[0], -1, GROUP)
+    amax = np.abs(g).max(-1, keepdims=True)
+    levels = np.float32(LEVELS)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, levels / amax, np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(g * inv), -LEVELS, LEVELS)
+    return (q * (amax / levels)).reshape(x.shape).astype(np.float32)
+
+
+def reference_matmul(x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """float32 [M, sum of rows]: what native qmatmul computes, up to float rounding."""
+    xs = x.float().numpy()
+    outs = []
+    for w in parts:
+        xa = quantize_activations(xs) if w.dtype == torch.uint8 else xs
+        outs.append(xa.astype(np.float64) @ weights_dense(w).astype(np.float64).T)
+    return torch.from_numpy(np.concatenate(outs, axis=1).astype(np.float32))

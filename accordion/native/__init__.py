@@ -1,10 +1,11 @@
 """Native ops: C++ that calls ATen with no interpreter between kernels.
 
-`block.cpp` holds a transformer block's work around attention as two ops,
-`attention.cpp` a paged decode attention and `head.cpp` the output head's int8
-copy (see their headers). They are compiled with the machine's g++ against the
-installed torch the first time they are wanted (about 15 s, one compiler per
-file), cached under the accordion cache directory by a hash of the sources,
+`qmatmul.cpp` is the one matrix kernel, over the GGUF file's own blocks;
+`block.cpp` holds a transformer block's work around attention as two ops and
+`attention.cpp` the paged attention of every query token (see their headers).
+They are compiled with the machine's g++ against the installed torch the first
+time they are wanted (about 20 s, one compiler per file), cached under the
+accordion cache directory by a hash of the sources,
 torch version, flags and CPU, and loaded with `torch.ops.load_library`. `make
 setup` builds them ahead. Without a compiler, or with ACCORDION_NATIVE=0,
 everything runs the equivalent Python.
@@ -28,7 +29,7 @@ from accordion.loader.gguf_file import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(f"{name}.cpp") for name in ("block", "attention", "head")]
+SOURCES = [Path(__file__).with_name(f"{name}.cpp") for name in ("block", "attention", "qmatmul")]
 _state: dict[str, bool] = {}
 
 
@@ -39,6 +40,9 @@ def _compile_flags() -> list[str]:
         "-march=native",  # the library is built on, and cached for, the machine using it
         "-fopenmp",  # at::parallel_for is OpenMP in torch's CPU build
         "-std=c++20",
+        # no fused multiply-adds the source does not write: the same expression
+        # compiles to the same arithmetic in every kernel that inlines it
+        "-ffp-contract=off",
         "-fPIC",
         "-w",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",

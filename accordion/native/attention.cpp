@@ -1,12 +1,11 @@
-// Paged decode attention: one query token per sequence reads its keys and values
-// straight from the block-paged cache, run by run, with nothing gathered and one
-// call per layer for the whole batch. A long context is cut in parts that run on
-// different threads and merge by their softmax maxima (as flash-decoding does).
-// Written with GCC's vector extensions (16 floats, an AVX-512 register where
-// there is one) so the arithmetic is vector code whatever the auto-vectorizer
-// decides. head_dim must be 16, 32, 64, 128 or 256; models/batched_decode.py
-// checks that and otherwise gathers and calls scaled_dot_product_attention, the
-// reference the tests compare against.
+// Paged attention, the one path of every query token, decode or prefill: each
+// reads its keys and values straight from the block-paged cache, run by run, with
+// nothing gathered and one call per layer for the whole batch. A long context is cut in parts that
+// run on different threads and merge by their softmax maxima (as flash-decoding does). Written with
+// GCC's vector extensions (16 floats, an AVX-512 register where there is one) so the arithmetic is
+// vector code whatever the auto-vectorizer decides. head_dim must be 16, 32, 64, 128 or 256;
+// models/batched_decode.py checks that and otherwise gathers and calls
+// scaled_dot_product_attention, the reference the tests compare against.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -205,18 +204,18 @@ PartFn<T> part_fn(int64_t d) {
 // Each sequence's keys are cut in parts of PART; every (sequence, kv head, part) is
 // a task, run in parallel; then each query head's parts merge by their maxima.
 template <typename T>
-void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const int64_t* first,
+void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const int64_t* range,
          int64_t b, int64_t heads, int64_t kv_heads, int64_t d, int64_t hs, float scale) {
   int64_t group = heads / kv_heads;
-  std::vector<int64_t> task_seq, task_lo, task_hi;  // a task: keys [lo, hi) of a sequence
+  std::vector<int64_t> task_seq, task_lo, task_hi;  // a task: keys [lo, hi) of a query
   std::vector<int64_t> seq_parts(b + 1, 0);
   for (int64_t i = 0; i < b; ++i) {
-    int64_t n = 0;
-    for (int64_t s = first[i]; s < first[i + 1]; ++s) n += span[2 * s + 1] - span[2 * s];
-    for (int64_t lo = 0; lo < n; lo += PART) {
+    // parts start at the query's first key: where they fall depends on the query alone
+    int64_t hi = range[4 * i + 3];
+    for (int64_t lo = range[4 * i + 2]; lo < hi; lo += PART) {
       task_seq.push_back(i);
       task_lo.push_back(lo);
-      task_hi.push_back(std::min(n, lo + PART));
+      task_hi.push_back(std::min(hi, lo + PART));
     }
     seq_parts[i + 1] = task_seq.size();
   }
@@ -227,8 +226,8 @@ void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const 
     std::vector<float> scores;
     for (int64_t t = begin; t < end; ++t) {
       int64_t task = t / kv_heads, g = t % kv_heads, i = task_seq[task];
-      fn(q + (i * heads + g * group) * d, k + g * hs, v + g * hs, span + 2 * first[i],
-         first[i + 1] - first[i], task_lo[task], task_hi[task], group, scale,
+      fn(q + (i * heads + g * group) * d, k + g * hs, v + g * hs, span + 2 * range[4 * i],
+         range[4 * i + 1] - range[4 * i], task_lo[task], task_hi[task], group, scale,
          parts.data() + t * per, scores);
     }
   });
@@ -256,11 +255,14 @@ void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const 
 
 }  // namespace
 
-// q [B, heads, d]: one decode query per sequence. Sequence b reads the cache slots
-// spans[offsets[b]:offsets[b + 1]] (rows [a, b) of [kv_heads, slots, d]), in order.
-// Returns [B, heads, d] in the cache's dtype.
-Tensor decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                        const Tensor& spans, const Tensor& offsets, double scale) {
+// q [B, heads, d]: B query tokens, of one sequence or many, decode or prefill.
+// Query b's keys are the slot runs spans[ranges[b, 0]:ranges[b, 1]] (rows [a, c) of
+// [kv_heads, slots, d]) taken in order, of which it sees keys ranges[b, 2] to
+// ranges[b, 3] (exclusive): queries of one sequence share its runs. Each query
+// is computed alone, the same way whichever step it is in and whatever shares
+// that step. Returns [B, heads, d] in the cache's dtype.
+Tensor paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                       const Tensor& spans, const Tensor& ranges, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "shapes");
   TORCH_CHECK(
       q.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
@@ -268,40 +270,45 @@ Tensor decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_
   TORCH_CHECK(k_cache.stride(2) == 1 && k_cache.stride(1) == k_cache.size(2) &&
                   v_cache.strides() == k_cache.strides(),
               "cache planes must be [kv_heads, slots, d] with rows contiguous");
-  TORCH_CHECK(spans.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong,
-              "spans and offsets are int64");
-  Tensor qc = q.contiguous(), sp = spans.contiguous(), off = offsets.contiguous();
+  TORCH_CHECK(spans.scalar_type() == at::kLong && ranges.scalar_type() == at::kLong,
+              "spans and ranges are int64");
+  Tensor qc = q.contiguous(), sp = spans.contiguous(), rg = ranges.contiguous();
   int64_t b = qc.size(0), heads = qc.size(1), d = qc.size(2), kv_heads = k_cache.size(0);
   int64_t group = heads / kv_heads, slots = k_cache.size(1);
   TORCH_CHECK(d == 16 || d == 32 || d == 64 || d == 128 || d == 256, "head_dim");
   TORCH_CHECK(group <= MAX_GROUP, "at most 16 query heads per kv head");
-  TORCH_CHECK(group * kv_heads == heads && off.numel() == b + 1, "heads or offsets");
+  TORCH_CHECK(group * kv_heads == heads && rg.numel() == b * 4, "heads or ranges");
   const int64_t* span = sp.data_ptr<int64_t>();
-  const int64_t* first = off.data_ptr<int64_t>();
-  TORCH_CHECK(first[0] == 0 && first[b] == sp.size(0), "offsets must cover the spans");
+  const int64_t* range = rg.data_ptr<int64_t>();
   for (int64_t i = 0; i < sp.size(0); ++i) {
     TORCH_CHECK(0 <= span[2 * i] && span[2 * i] < span[2 * i + 1] && span[2 * i + 1] <= slots,
                 "span out of range");
   }
-  for (int64_t i = 0; i < b; ++i) TORCH_CHECK(first[i] < first[i + 1], "a query without keys");
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t* r = range + 4 * i;
+    TORCH_CHECK(0 <= r[0] && r[0] < r[1] && r[1] <= sp.size(0), "runs out of range");
+    int64_t n = 0;
+    for (int64_t j = r[0]; j < r[1]; ++j) n += span[2 * j + 1] - span[2 * j];
+    TORCH_CHECK(0 <= r[2] && r[2] < r[3] && r[3] <= n, "a query without keys, or past its runs");
+  }
   Tensor out = at::empty_like(qc);
   int64_t hs = k_cache.stride(0);
   auto f = static_cast<float>(scale);
   if (q.scalar_type() == at::kBFloat16) {
     using B = c10::BFloat16;
     run(qc.data_ptr<B>(), k_cache.data_ptr<B>(), v_cache.data_ptr<B>(), out.data_ptr<B>(), span,
-        first, b, heads, kv_heads, d, hs, f);
+        range, b, heads, kv_heads, d, hs, f);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "bfloat16 or float32 only");
     run(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-        out.data_ptr<float>(), span, first, b, heads, kv_heads, d, hs, f);
+        out.data_ptr<float>(), span, range, b, heads, kv_heads, d, hs, f);
   }
   return out;
 }
 
 TORCH_LIBRARY_FRAGMENT(accordion, m) {
   m.def(
-      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor spans,"
-      " Tensor offsets, float scale) -> Tensor");
-  m.impl("decode_attention", c10::DispatchKey::CompositeImplicitAutograd, &decode_attention);
+      "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor spans,"
+      " Tensor ranges, float scale) -> Tensor");
+  m.impl("paged_attention", c10::DispatchKey::CompositeImplicitAutograd, &paged_attention);
 }

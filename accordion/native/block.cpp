@@ -1,7 +1,7 @@
 // A transformer block's work around attention as two ops, for the decode steps
 // where kernel count, not arithmetic, sets the time. models/decoder.py's Python
 // (Block.queries, Block.finish) is the reference: the matrix products are the same
-// ATen calls; the element-wise work between them (norms, RoPE, the cache writes,
+// native/qmatmul.cpp calls; the element-wise work between them (norms, RoPE, the cache writes,
 // residual adds, casts) is one loop per stage here instead of a dozen kernels.
 // Results agree with the Python to float32 rounding (tests/test_native.py).
 #include <ATen/ATen.h>
@@ -16,28 +16,24 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using Terms = c10::List<OptTensor>;
 
+Tensor qmatmul(const Tensor& x, at::TensorList w,
+               const std::optional<Tensor>& bias);  // qmatmul.cpp
+
 namespace {
 
-// models/linear.py Linear.forward, its dense and int4 paths. `lin` holds
-// [dense, bias, packed_0, scales_zeros_0, packed_1, ...]; dense and bias may be None.
-Tensor linear(const Tensor& x, const Terms& lin, int64_t int4_max_rows) {
+// models/linear.py Linear.forward. `lin` holds [dense, bias, part_0, part_1, ...]:
+// a float32 copy (the fp32 mode) or the file's matrices for native/qmatmul.cpp.
+Tensor linear(const Tensor& x, const Terms& lin) {
   OptTensor dense = lin.get(0), bias = lin.get(1);
-  int64_t rows = x.size(0);
-  size_t n_int4 = (lin.size() - 2) / 2;
-  if (dense.has_value() && (rows > int4_max_rows || n_int4 == 0)) {
-    return at::linear(x, *dense, bias).contiguous();
-  }
-  Tensor y;
-  for (size_t i = 0; i < n_int4; ++i) {
-    Tensor part = at::_weight_int4pack_mm_for_cpu(x, *lin.get(2 + 2 * i), 32, *lin.get(3 + 2 * i));
-    if (i == 0) {
-      y = part;
-    } else {
-      y.add_(part);
-    }
-  }
-  return bias.has_value() ? y + *bias : y;
+  if (dense.has_value()) return at::linear(x, *dense, bias).contiguous();
+  std::vector<Tensor> parts;
+  for (size_t i = 2; i < lin.size(); ++i) parts.push_back(*lin.get(i));
+  return qmatmul(x, parts, bias);
 }
+
+// Everything between the matrix products is float32: the products take float32
+// in and give it out.
+constexpr at::ScalarType dtype = at::kFloat;
 
 // RMSNorm as models/layers.py writes it: x * rsqrt(sum(x^2) + n * eps) * w, where
 // w already carries sqrt(n). In place over n floats.
@@ -58,10 +54,14 @@ inline void store(const float* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-// x rotated in the rotate-half layout: x * cos + roll(x, d / 2) * sin (sin signed)
-inline void rope(const float* x, const float* cos, const float* sin, float* out, int64_t d) {
+// x rotated: x * cos + partner(x) * sin (sin signed), the partner of i being
+// i + d / 2 (mod d) in the rotate-half layout and i ^ 1 in the interleaved one
+inline void rope(const float* x, const float* cos, const float* sin, float* out, int64_t d,
+                 bool interleaved) {
   int64_t half = d / 2;
-  for (int64_t i = 0; i < d; ++i) out[i] = x[i] * cos[i] + x[(i + half) % d] * sin[i];
+  for (int64_t i = 0; i < d; ++i) {
+    out[i] = x[i] * cos[i] + x[interleaved ? i ^ 1 : (i + half) % d] * sin[i];
+  }
 }
 
 const float* opt_ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
@@ -71,10 +71,9 @@ const float* opt_ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr<fl
 // Block.queries: normed input through QKV, q/k norm, RoPE; K and V stored at
 // `slots`; returns the queries [T, heads, head_dim] in the cache's dtype.
 Tensor block_queries(const Tensor& x, const Tensor& norm_w, double norm_eps, const Terms& qkv,
-                     int64_t qkv_max_rows, const OptTensor& qk_norm_w, double qk_norm_eps,
-                     const Tensor& cos, const Tensor& sin, Tensor k_cache, Tensor v_cache,
-                     const Tensor& slots, int64_t n_heads, int64_t n_kv_heads, int64_t d,
-                     at::ScalarType dtype) {
+                     const OptTensor& qk_norm_w, double qk_norm_eps, const Tensor& cos,
+                     const Tensor& sin, bool interleaved, Tensor k_cache, Tensor v_cache,
+                     const Tensor& slots, int64_t n_heads, int64_t n_kv_heads, int64_t d) {
   TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat, "x: contiguous float32");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "K and V caches differ");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat &&
@@ -95,7 +94,7 @@ Tensor block_queries(const Tensor& x, const Tensor& norm_w, double norm_eps, con
       store(row.data(), normed.data_ptr<scalar_t>() + r * hidden, hidden);
     }
   });
-  Tensor heads = linear(normed, qkv, qkv_max_rows);  // [T, (heads + 2 kv_heads) * d]
+  Tensor heads = linear(normed, qkv);  // [T, (heads + 2 kv_heads) * d]
   TORCH_CHECK(heads.is_contiguous() && heads.size(1) == (n_qk + n_kv_heads) * d, "QKV shape");
   Tensor q = at::empty({t, n_heads, d}, x.options().dtype(k_cache.scalar_type()));
   const float* qk_w = opt_ptr(qk_norm_w);
@@ -117,7 +116,7 @@ Tensor block_queries(const Tensor& x, const Tensor& norm_w, double norm_eps, con
             continue;
           }
           if (qk_w != nullptr) rms_norm(row.data(), qk_w + j * d, qk_norm_eps * d, d);
-          rope(row.data(), cs + r * d, sn + r * d, rot.data(), d);
+          rope(row.data(), cs + r * d, sn + r * d, rot.data(), d, interleaved);
           scalar_t* dst =
               j < n_heads ? qp + (r * n_heads + j) * d : kc + (j - n_heads) * hs + slot[r] * ss;
           store(rot.data(), dst, d);
@@ -130,14 +129,13 @@ Tensor block_queries(const Tensor& x, const Tensor& norm_w, double norm_eps, con
 
 // Block.finish: attention output [T, heads, head_dim] through O, the residual add,
 // then the MLP and its residual add; returns the new residual stream (float32).
-Tensor block_finish(const Tensor& x, const Tensor& attn, const Terms& o, int64_t o_max_rows,
+Tensor block_finish(const Tensor& x, const Tensor& attn, const Terms& o,
                     const OptTensor& post_attn_w, double post_attn_eps, const Tensor& ffn_w,
-                    double ffn_eps, const Terms& gate_up, int64_t gate_up_max_rows,
-                    const Terms& down, int64_t down_max_rows, const OptTensor& post_ffn_w,
-                    double post_ffn_eps, bool gelu, at::ScalarType dtype) {
+                    double ffn_eps, const Terms& gate_up, const Terms& down,
+                    const OptTensor& post_ffn_w, double post_ffn_eps, bool gelu) {
   TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat, "x: contiguous float32");
   int64_t t = x.size(0), hidden = x.size(1);
-  Tensor y = linear(attn.reshape({t, -1}).to(dtype).contiguous(), o, o_max_rows);
+  Tensor y = linear(attn.reshape({t, -1}).to(dtype).contiguous(), o);
   Tensor h = at::empty_like(x);
   Tensor normed = at::empty({t, hidden}, x.options().dtype(dtype));
   const float *pa = opt_ptr(post_attn_w), *pf = opt_ptr(post_ffn_w);
@@ -153,7 +151,7 @@ Tensor block_finish(const Tensor& x, const Tensor& attn, const Terms& o, int64_t
       store(row.data(), normed.data_ptr<scalar_t>() + r * hidden, hidden);
     }
   });
-  Tensor gu = linear(normed, gate_up, gate_up_max_rows);  // [T, 2 * ffn]
+  Tensor gu = linear(normed, gate_up);  // [T, 2 * ffn]
   int64_t n = gu.size(1) / 2;
   // a contiguous float32 copy of the gate, which the activation overwrites
   Tensor g = gu.slice(1, 0, n).to(at::kFloat).contiguous();
@@ -170,7 +168,7 @@ Tensor block_finish(const Tensor& x, const Tensor& attn, const Terms& o, int64_t
       }
     }
   });
-  Tensor dn = linear(mixed, down, down_max_rows);
+  Tensor dn = linear(mixed, down);
   Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "block_finish_mlp", [&] {
     for (int64_t r = 0; r < t; ++r) {
@@ -186,15 +184,13 @@ Tensor block_finish(const Tensor& x, const Tensor& attn, const Terms& o, int64_t
 
 TORCH_LIBRARY(accordion, m) {
   m.def(
-      "block_queries(Tensor x, Tensor norm_w, float norm_eps, Tensor?[] qkv, int qkv_max_rows,"
-      " Tensor? qk_norm_w, float qk_norm_eps, Tensor cos, Tensor sin, Tensor(a!) k_cache,"
-      " Tensor(b!) v_cache, Tensor slots, int n_heads, int n_kv_heads, int head_dim,"
-      " ScalarType dtype) -> Tensor");
+      "block_queries(Tensor x, Tensor norm_w, float norm_eps, Tensor?[] qkv, Tensor? qk_norm_w,"
+      " float qk_norm_eps, Tensor cos, Tensor sin, bool interleaved, Tensor(a!) k_cache,"
+      " Tensor(b!) v_cache, Tensor slots, int n_heads, int n_kv_heads, int head_dim) -> Tensor");
   m.def(
-      "block_finish(Tensor x, Tensor attn, Tensor?[] o, int o_max_rows, Tensor? post_attn_w,"
-      " float post_attn_eps, Tensor ffn_w, float ffn_eps, Tensor?[] gate_up,"
-      " int gate_up_max_rows, Tensor?[] down, int down_max_rows, Tensor? post_ffn_w,"
-      " float post_ffn_eps, bool gelu, ScalarType dtype) -> Tensor");
+      "block_finish(Tensor x, Tensor attn, Tensor?[] o, Tensor? post_attn_w, float post_attn_eps,"
+      " Tensor ffn_w, float ffn_eps, Tensor?[] gate_up, Tensor?[] down, Tensor? post_ffn_w,"
+      " float post_ffn_eps, bool gelu) -> Tensor");
   m.impl("block_queries", c10::DispatchKey::CompositeImplicitAutograd, &block_queries);
   m.impl("block_finish", c10::DispatchKey::CompositeImplicitAutograd, &block_finish);
 }
