@@ -112,10 +112,11 @@ def main() -> None:
     print(f"file {size:.0f} MiB; process floor (torch + server, no model) {floor:.0f} MiB")
     for mode in args.modes.split(","):
         r = isolated(measure, str(path), mode, 512, args.tokens)
-        weights = r.rss_mib - floor
+        weights = r.rss_served_mib - floor
         print(
-            f"accordion {mode}: load {r.load_s:.1f} s, RSS after load {r.rss_mib:.0f} MiB"
-            f" ({weights:.0f} above the floor = {weights / size:.2f} x file), prefill 512"
+            f"accordion {mode}: load {r.load_s:.1f} s, RSS after load {r.rss_mib:.0f} MiB,"
+            f" after the requests {r.rss_served_mib:.0f} MiB ({weights:.0f} above the floor ="
+            f" {weights / size:.2f} x file), peak {r.peak_mib:.0f} MiB, prefill 512"
             f" {r.prefill_tps:.0f} tok/s, decode b1 {r.decode1_tps:.1f} tok/s,"
             f" b8 {r.decode8_tps:.1f} tok/s"
         )

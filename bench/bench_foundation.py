@@ -1,6 +1,6 @@
 """Load time, memory and speed of a bundled model in each weights mode.
 
-    .venv/bin/python bench/bench_foundation.py [--model smollm2] [--modes auto,int4,bf16,fp32]
+    .venv/bin/python bench/bench_foundation.py [--model smollm2] [--modes auto,fp32]
 
 Each mode runs in a fresh spawned process so its RSS is its own. Decode speed is
 measured by differencing: (time for N tokens - time for 1 token) / (N - 1), which
@@ -16,6 +16,7 @@ import gc
 import multiprocessing as mp
 import os
 import platform
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-MODES = ("auto", "int4", "bf16", "fp32")
+MODES = ("auto", "fp32")
 DECODE_PROMPT = 32  # tokens per prompt for the decode runs
 REPEATS = 3
 BATCH = 8
@@ -52,6 +53,8 @@ class Result:
     load_s: float
     rss_mib: float
     rss_delta_mib: float
+    rss_served_mib: float  # after every request below, the model still loaded
+    peak_mib: float  # the process's peak RSS
     prefill_tps: float
     decode1_tps: float
     decode8_tps: float
@@ -122,14 +125,18 @@ def measure(model: str, mode: str, prompt_tokens: int, tokens: int) -> Result:
 
     one = [ids[:DECODE_PROMPT]]
     eight = [ids[i * DECODE_PROMPT : (i + 1) * DECODE_PROMPT] for i in range(BATCH)]
+    decode1, decode8 = decode_tps(one), decode_tps(eight)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return Result(
         mode,
         load_s,
         rss,
         rss - before,
+        rss_mib(),
+        peak,
         prompt_tokens / prefill_s,
-        decode_tps(one),
-        decode_tps(eight),
+        decode1,
+        decode8,
         tokens,
     )
 
@@ -142,14 +149,15 @@ def run_isolated(fn: Callable[..., T], *args: Any) -> T:
 
 def table(model: str, prompt_tokens: int, results: list[Result]) -> str:
     rows = [
-        f"| mode | load s | RSS MiB (Δ load) | prefill {prompt_tokens} tok/s"
-        f" | decode b1 tok/s | decode b{BATCH} tok/s (aggregate) | decode tokens |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| mode | load s | RSS MiB (Δ load) | RSS served / peak MiB | prefill {prompt_tokens}"
+        f" tok/s | decode b1 tok/s | decode b{BATCH} tok/s (aggregate) | decode tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         rows.append(
             f"| {r.mode} | {r.load_s:.2f} | {r.rss_mib:.0f} ({r.rss_delta_mib:+.0f})"
-            f" | {r.prefill_tps:.0f} | {r.decode1_tps:.1f} | {r.decode8_tps:.1f} | {r.tokens} |"
+            f" | {r.rss_served_mib:.0f} / {r.peak_mib:.0f} | {r.prefill_tps:.0f}"
+            f" | {r.decode1_tps:.1f} | {r.decode8_tps:.1f} | {r.tokens} |"
         )
     return "\n".join(rows)
 

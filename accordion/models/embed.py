@@ -15,8 +15,8 @@ class _ScratchKV:
     def __init__(self, decoder: Decoder, n: int) -> None:
         cfg = decoder.cfg
         shape = (cfg.n_layers, cfg.n_kv_heads, n, cfg.head_dim)
-        self.k = torch.empty(shape, dtype=decoder.dtype)
-        self.v = torch.empty(shape, dtype=decoder.dtype)
+        self.k = torch.empty(shape, dtype=decoder.kv_dtype)
+        self.v = torch.empty(shape, dtype=decoder.kv_dtype)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
