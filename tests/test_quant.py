@@ -156,7 +156,7 @@ def test_linear_keeps_leading_dims_and_adds_its_bias(mode: str) -> None:
     y = lin(x)
     assert y.shape == (2, 3, 32)
     want = x.reshape(6, 64).double() @ torch.from_numpy(ref).double().T + torch.from_numpy(bias)
-    assert rel_err(y.reshape(6, 32), want) < (1e-5 if mode == "auto" else 1e-6)
+    assert rel_err(y.reshape(6, 32), want) < (1e-4 if mode == "auto" else 1e-6)  # int16 x
 
 
 def test_linear_holds_the_file_bytes_in_auto_and_a_float32_copy_in_fp32() -> None:

@@ -22,7 +22,7 @@ Q = GGMLQuantizationType
 KERNEL_BLOCKS = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
 FLOAT_VIEWS = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 GROUP = 32  # activation values per scale
-LEVELS = 32767  # activations are int16 multiples of max|x| / LEVELS
+LEVELS = 127 * 256 + 127  # activations are int16 multiples of max|x| / LEVELS (qmatmul.cpp)
 
 
 def type_name(ggml_type: int) -> str:

@@ -27,20 +27,11 @@ using at::Tensor;
 namespace {
 
 constexpr int64_t MR = 8;  // activation rows per tile: each decoded weight block serves them all
-constexpr int64_t NB = 8;  // weight rows per pass over a tile of activation rows
+constexpr int64_t NB = 8;
+constexpr int64_t PREFETCH = 768;  // bytes of weights fetched ahead of the one decoded  // weight
+                                   // rows per pass over a tile of activation rows
 
 inline float f16(const uint8_t* p) { return _cvtsh_ss(*reinterpret_cast<const uint16_t*>(p)); }
-
-// int16 x int16 products summed two at a time into int32 lanes, exactly
-inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
-#ifdef __AVX512VNNI__
-  return _mm512_dpwssd_epi32(acc, a, b);
-#else
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
-#endif
-}
-
-inline __m512i widen(__m256i bytes) { return _mm512_cvtepu8_epi16(bytes); }
 
 inline __m256i load256(const uint8_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -61,68 +52,91 @@ inline __m256i fifth_bits(uint32_t qh) { return _mm256_maskz_mov_epi8(qh, _mm256
 
 inline uint32_t u32(const uint8_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
-// One block of 32 weights: signed values (32 int16), the scale of each lane's
-// values and, for types with a free minimum, that minimum in lane 0 (only lane 0:
-// it multiplies the block's activation sum once).
+// One block of 32 weights of one row: its unsigned values (32 bytes; the weight is
+// (value - ZERO) * scale, + min for types with a free minimum), the scale of its
+// first and second 16 values (the same but for Q6_K) and that minimum.
 struct Block {
-  __m512i q;
-  __m512 scale, min;
+  __m256i q;
+  float scale[2];
+  float min;
 };
 
-inline __m512 lane0(float v) { return _mm512_maskz_mov_ps(1, _mm512_set1_ps(v)); }
+inline void set_scale(Block* b, float s) { b->scale[0] = b->scale[1] = s; }
 
-// Each type: BYTES per unit of BLOCK values (SUBS blocks of 32); MIN: a free
+// Each type: BYTES per unit of BLOCK values (SUBS blocks of 32); HALVES: scales
+// per block (2: one per 16 values); ZERO: the zero point of its values; MIN: a free
 // minimum; decode(row, u, out) fills the SUBS blocks of unit u.
 struct Q4_0 {
-  static constexpr int BLOCK = 32, BYTES = 18, SUBS = 1;
+  static constexpr int HALVES = 1, BLOCK = 32, BYTES = 18, SUBS = 1;
+  static constexpr int ZERO = 8;
   static constexpr bool MIN = false;
+  static constexpr int SCALE_AT = 0, MIN_AT = -1;  // byte offsets of d and m
+  static __m256i values(const uint8_t* p) { return nibbles(load128(p + 2)); }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* p = row + u * BYTES;
-    b->q = _mm512_sub_epi16(widen(nibbles(load128(p + 2))), _mm512_set1_epi16(8));
-    b->scale = _mm512_set1_ps(f16(p));
+    b->q = nibbles(load128(p + 2));
+    set_scale(b, f16(p));
   }
 };
 
 struct Q4_1 {
-  static constexpr int BLOCK = 32, BYTES = 20, SUBS = 1;
+  static constexpr int HALVES = 1, BLOCK = 32, BYTES = 20, SUBS = 1;
+  static constexpr int ZERO = 0;
   static constexpr bool MIN = true;
+  static constexpr int SCALE_AT = 0, MIN_AT = 2;  // byte offsets of d and m
+  static __m256i values(const uint8_t* p) { return nibbles(load128(p + 4)); }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* p = row + u * BYTES;
-    b->q = widen(nibbles(load128(p + 4)));
-    b->scale = _mm512_set1_ps(f16(p));
-    b->min = lane0(f16(p + 2));
+    b->q = nibbles(load128(p + 4));
+    set_scale(b, f16(p));
+    b->min = f16(p + 2);
   }
 };
 
 struct Q5_0 {
-  static constexpr int BLOCK = 32, BYTES = 22, SUBS = 1;
+  static constexpr int HALVES = 1, BLOCK = 32, BYTES = 22, SUBS = 1;
+  static constexpr int ZERO = 16;
   static constexpr bool MIN = false;
+  static constexpr int SCALE_AT = 0, MIN_AT = -1;  // byte offsets of d and m
+  static __m256i values(const uint8_t* p) {
+    return _mm256_or_si256(nibbles(load128(p + 6)), fifth_bits(u32(p + 2)));
+  }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* p = row + u * BYTES;
     __m256i q = _mm256_or_si256(nibbles(load128(p + 6)), fifth_bits(u32(p + 2)));
-    b->q = _mm512_sub_epi16(widen(q), _mm512_set1_epi16(16));
-    b->scale = _mm512_set1_ps(f16(p));
+    b->q = q;
+    set_scale(b, f16(p));
   }
 };
 
 struct Q5_1 {
-  static constexpr int BLOCK = 32, BYTES = 24, SUBS = 1;
+  static constexpr int HALVES = 1, BLOCK = 32, BYTES = 24, SUBS = 1;
+  static constexpr int ZERO = 0;
   static constexpr bool MIN = true;
+  static constexpr int SCALE_AT = 0, MIN_AT = 2;  // byte offsets of d and m
+  static __m256i values(const uint8_t* p) {
+    return _mm256_or_si256(nibbles(load128(p + 8)), fifth_bits(u32(p + 4)));
+  }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* p = row + u * BYTES;
-    b->q = widen(_mm256_or_si256(nibbles(load128(p + 8)), fifth_bits(u32(p + 4))));
-    b->scale = _mm512_set1_ps(f16(p));
-    b->min = lane0(f16(p + 2));
+    b->q = _mm256_or_si256(nibbles(load128(p + 8)), fifth_bits(u32(p + 4)));
+    set_scale(b, f16(p));
+    b->min = f16(p + 2);
   }
 };
 
 struct Q8_0 {
-  static constexpr int BLOCK = 32, BYTES = 34, SUBS = 1;
+  static constexpr int HALVES = 1, BLOCK = 32, BYTES = 34, SUBS = 1;
+  static constexpr int ZERO = 128;
   static constexpr bool MIN = false;
+  static constexpr int SCALE_AT = 0, MIN_AT = -1;  // byte offsets of d and m
+  static __m256i values(const uint8_t* p) {
+    return _mm256_xor_si256(load256(p + 2), _mm256_set1_epi8(static_cast<char>(0x80)));
+  }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* p = row + u * BYTES;
-    b->q = _mm512_cvtepi8_epi16(load256(p + 2));
-    b->scale = _mm512_set1_ps(f16(p));
+    b->q = _mm256_xor_si256(load256(p + 2), _mm256_set1_epi8(static_cast<char>(0x80)));  // q + 128
+    set_scale(b, f16(p));
   }
 };
 
@@ -142,8 +156,8 @@ inline void k_scales(const uint8_t* sb, Block* b) {
   for (int j = 0; j < 8; ++j) {
     float sc, mn;
     scale_min_k4(sb + 4, j, sc, mn);
-    b[j].scale = _mm512_set1_ps(d * sc);
-    b[j].min = lane0(-dmin * mn);
+    set_scale(&b[j], d * sc);
+    b[j].min = -dmin * mn;
   }
 }
 
@@ -155,17 +169,19 @@ inline __m256i k_nibbles(const uint8_t* qs, int high) {
 }
 
 struct Q4_K {
-  static constexpr int BLOCK = 256, BYTES = 144, SUBS = 8;
+  static constexpr int HALVES = 1, BLOCK = 256, BYTES = 144, SUBS = 8;
+  static constexpr int ZERO = 0;
   static constexpr bool MIN = true;
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* sb = row + u * BYTES;
     k_scales(sb, b);
-    for (int j = 0; j < 8; ++j) b[j].q = widen(k_nibbles(sb + 16 + 32 * (j / 2), j % 2));
+    for (int j = 0; j < 8; ++j) b[j].q = k_nibbles(sb + 16 + 32 * (j / 2), j % 2);
   }
 };
 
 struct Q5_K {
-  static constexpr int BLOCK = 256, BYTES = 176, SUBS = 8;
+  static constexpr int HALVES = 1, BLOCK = 256, BYTES = 176, SUBS = 8;
+  static constexpr int ZERO = 0;
   static constexpr bool MIN = true;
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* sb = row + u * BYTES;
@@ -175,13 +191,14 @@ struct Q5_K {
       __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, j), _mm256_set1_epi8(0x01));
       __m256i q =
           _mm256_or_si256(k_nibbles(sb + 48 + 32 * (j / 2), j % 2), _mm256_slli_epi16(high, 4));
-      b[j].q = widen(q);
+      b[j].q = q;
     }
   }
 };
 
 struct Q6_K {
-  static constexpr int BLOCK = 256, BYTES = 210, SUBS = 8;
+  static constexpr int BLOCK = 256, BYTES = 210, SUBS = 8, HALVES = 2;
+  static constexpr int ZERO = 32;
   static constexpr bool MIN = false;
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* sb = row + u * BYTES;
@@ -195,76 +212,290 @@ struct Q6_K {
       __m256i qh = load256(sb + 128 + 32 * n);
       __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * i), _mm256_set1_epi8(0x03));
       __m256i q = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
-      b[j].q = _mm512_sub_epi16(widen(q), _mm512_set1_epi16(32));
+      b[j].q = q;
       // 16 values per scale: int16 lanes 0-15 are int32 lanes 0-7
-      float s0 = d * sc[8 * n + 2 * i], s1 = d * sc[8 * n + 2 * i + 1];
-      b[j].scale =
-          _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(s0)), _mm256_set1_ps(s1), 1);
+      b[j].scale[0] = d * sc[8 * n + 2 * i];
+      b[j].scale[1] = d * sc[8 * n + 2 * i + 1];
     }
   }
 };
 
-// Activation rows quantized per block of 32 to int16 (scale = max|x| / 32767):
+// u8 x s8 products summed four at a time into int32 lanes, exactly
+inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpbusd_epi32(acc, u, s);
+#else
+  // widened to 16 bits no product or pair sum overflows: pairs by madd, then
+  // adjacent pairs of those gathered from the two halves
+  __m512i lo = _mm512_madd_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(u)),
+                                 _mm512_cvtepi8_epi16(_mm512_castsi512_si256(s)));
+  __m512i hi = _mm512_madd_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(u, 1)),
+                                 _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(s, 1)));
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_permutex2var_epi32(lo, even, hi),
+                                                _mm512_permutex2var_epi32(lo, odd, hi)));
+#endif
+}
+
+// Activation rows quantized per block of 32 to int16 q (scale = max|x| / LEVELS):
 // rounding moves a value by at most 1.5e-5 of its block's largest, finer than the
 // bf16 activations other CPU paths use, where int8 (llama.cpp's choice) measurably
-// moved SmolLM2's greedy tokens.
-struct Act {
-  int64_t blocks = 0;
-  std::vector<int16_t> q;         // [rows][blocks * 32]
-  std::vector<float> scale;       // [rows][blocks]
-  std::vector<float> scaled_sum;  // [rows][blocks]: scale * sum(q), for the minimums
+// moved SmolLM2's greedy tokens. Each q is held as two int8 digits, q = 256 h + l
+// (l in [-128, 127]; LEVELS keeps h in [-127, 127]), so that a block's exact sum
+// against unsigned 8-bit weights is 256 * sum(w h) + sum(w l): two u8 x s8
+// products, which VNNI (and AMX) compute exactly.
+constexpr int32_t LEVELS = 127 * 256 + 127;
 
-  const int16_t* q_at(int64_t r, int64_t b) const { return q.data() + (r * blocks + b) * 32; }
+struct Act {
+  int64_t blocks = 0, pairs = 0;  // blocks of 32; pairs of blocks (the last one padded)
+  std::vector<int8_t> h, l;       // [rows][pairs * 64]
+  std::vector<float> scale;       // [rows][pairs * 2]
+  std::vector<int32_t> sum16;     // [rows][pairs * 4]: sum(q) of each 16 values
+  std::vector<float> scaled_sum;  // [rows][pairs * 2]: scale * sum(q), for the minimums
+
+  const int32_t* h_at(int64_t r, int64_t b) const {
+    return reinterpret_cast<const int32_t*>(h.data() + (r * pairs * 2 + b) * 32);
+  }
+  const int32_t* l_at(int64_t r, int64_t b) const {
+    return reinterpret_cast<const int32_t*>(l.data() + (r * pairs * 2 + b) * 32);
+  }
+  int64_t at(int64_t r, int64_t b) const { return r * pairs * 2 + b; }
 };
 
 void quantize(const float* x, int64_t rows, int64_t k, Act& a) {
   a.blocks = k / 32;
-  a.q.resize(rows * k);
-  a.scale.resize(rows * a.blocks);
-  a.scaled_sum.resize(rows * a.blocks);
+  a.pairs = (a.blocks + 1) / 2;
+  int64_t padded = a.pairs * 2;
+  a.h.assign(rows * padded * 32, 0);
+  a.l.assign(rows * padded * 32, 0);
+  a.scale.assign(rows * padded, 0.f);
+  a.sum16.assign(rows * padded * 2, 0);
+  a.scaled_sum.assign(rows * padded, 0.f);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t b = 0; b < a.blocks; ++b) {
         const float* xb = x + r * k + b * 32;
         __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + 16);
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-        float d = amax / 32767.f, id = amax > 0.f ? 32767.f / amax : 0.f;
-        __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(id)));
-        __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(id)));
-        int16_t* dst = a.q.data() + r * k + b * 32;
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtsepi32_epi16(qlo));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), _mm512_cvtsepi32_epi16(qhi));
-        int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
-        a.scale[r * a.blocks + b] = d;
-        a.scaled_sum[r * a.blocks + b] = d * static_cast<float>(sum);
+        float d = amax / LEVELS, id = amax > 0.f ? LEVELS / amax : 0.f;
+        __m512i q[2] = {_mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(id))),
+                        _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(id)))};
+        int64_t i = a.at(r, b);
+        int32_t total = 0;
+        for (int half = 0; half < 2; ++half) {
+          q[half] = _mm512_max_epi32(_mm512_min_epi32(q[half], _mm512_set1_epi32(LEVELS)),
+                                     _mm512_set1_epi32(-LEVELS));
+          __m512i high = _mm512_srai_epi32(_mm512_add_epi32(q[half], _mm512_set1_epi32(128)), 8);
+          __m512i low = _mm512_sub_epi32(q[half], _mm512_slli_epi32(high, 8));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(a.h.data() + i * 32 + 16 * half),
+                           _mm512_cvtepi32_epi8(high));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(a.l.data() + i * 32 + 16 * half),
+                           _mm512_cvtepi32_epi8(low));
+          a.sum16[2 * i + half] = _mm512_reduce_add_epi32(q[half]);
+          total += a.sum16[2 * i + half];
+        }
+        a.scale[i] = d;
+        a.scaled_sum[i] = d * static_cast<float>(total);
       }
     }
   });
 }
 
-// Rows r0..r0+R of y (stride ldy) at one column: weight row `w` against R activation rows.
-template <class T, int R>
-void dot_quantized(const uint8_t* w, const Act& a, int64_t r0, float* y, int64_t ldy) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  Block blk[T::SUBS];
-  for (int64_t u = 0; u < a.blocks / T::SUBS; ++u) {
-    T::decode(w, u, blk);
-    for (int j = 0; j < T::SUBS; ++j) {
-      int64_t b = u * T::SUBS + j;
-      for (int r = 0; r < R; ++r) {
-        const int64_t i = (r0 + r) * a.blocks + b;
-        __m512i x = _mm512_loadu_si512(a.q_at(r0 + r, b));
-        __m512i s = dpwssd(_mm512_setzero_si512(), blk[j].q, x);
-        __m512 scale = _mm512_mul_ps(blk[j].scale, _mm512_set1_ps(a.scale[i]));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
+// The arithmetic of every quantized output element, whichever code computes it:
+//   acc = 0; for each block of 32 (in order), for each half h (Q6_K has two):
+//     acc = fma(float(exact integer sum of (w - ZERO) * q), w_scale * x_scale, acc)
+//   and for types with a minimum: acc = fma(w_min, x_scale * sum(q), acc).
+// Vectors run across 16 weight rows (16 output columns), so no element's sum is
+// ever split between lanes: tiles of rows and columns change nothing.
+
+// 16 rows of 16 int32 -> 16 columns: v[i] lane j <- v[j] lane i
+inline void transpose16(__m512i* v) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {  // 128-bit lanes: rows 4i..4i+3 hold lane group i
+    t[i] = _mm512_shuffle_i32x4(v[i], v[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_i32x4(v[i], v[4 + i], 0xDD);
+    t[8 + i] = _mm512_shuffle_i32x4(v[8 + i], v[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_i32x4(v[8 + i], v[12 + i], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+    v[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xDD);
+    v[4 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0x88);
+    v[12 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0xDD);
+  }
+}
+
+// 16 weight rows decoded, a pair of blocks at a time: 16 vectors of the rows'
+// value quads (quad j of every row in vector j: 0-7 the first block, 8-15 the
+// second), the rows' scales (per block, per half) and minimums (per block).
+struct Panel {
+  std::vector<__m512i> q;     // [pairs][16]
+  std::vector<__m512> scale;  // [pairs * 2][2]
+  std::vector<__m512> min;    // [pairs * 2]
+
+  void resize(int64_t pairs) {
+    q.resize(pairs * 16);
+    scale.resize(pairs * 4);
+    min.resize(pairs * 2);
+  }
+};
+
+// Decodes unit u (T::SUBS blocks) of `rows` (<= 16) weight rows into the panel,
+// at block b0 (even); a last odd block is paired with zeros.
+// 16 rows' fp16 at byte `at` of each row (row r at base + r * row_bytes) as floats
+inline __m512 gather_f16(const uint8_t* base, int64_t row_bytes, int rows, int64_t at) {
+  __m512i idx =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
+  __mmask16 m = rows >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << rows) - 1);
+  __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, base + at, 1);
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
+}
+
+template <class T>
+inline void decode_unit(const uint8_t* base, int64_t row_bytes, int rows, int64_t u, int64_t blocks,
+                        Panel& p, int64_t b0) {
+  if constexpr (T::SUBS == 1) {  // blocks u and u + 1, scales gathered across the rows
+    bool second = u + 1 < blocks;
+    __m512i* v = p.q.data() + (b0 / 2) * 16;
+    for (int r = 0; r < 16; ++r) {
+      if (r >= rows) {  // past the matrix's last row: zeros, whose outputs are not stored
+        v[r] = _mm512_setzero_si512();
+        continue;
+      }
+      const uint8_t* w = base + r * row_bytes + u * T::BYTES;
+      // the file's pages are 4 KiB, where the hardware prefetcher stops: fetch
+      // ahead by hand
+      _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH), _MM_HINT_T0);
+      __m256i hi = second ? T::values(w + T::BYTES) : _mm256_setzero_si256();
+      v[r] = _mm512_inserti64x4(_mm512_castsi256_si512(T::values(w)), hi, 1);
+    }
+    transpose16(v);
+    for (int i = 0; i < 2; ++i) {
+      __m512 scale = _mm512_setzero_ps(), min = _mm512_setzero_ps();
+      if (u + i < blocks) {
+        scale = gather_f16(base, row_bytes, rows, (u + i) * T::BYTES + T::SCALE_AT);
         if constexpr (T::MIN) {
-          acc[r] = _mm512_fmadd_ps(blk[j].min, _mm512_set1_ps(a.scaled_sum[i]), acc[r]);
+          min = gather_f16(base, row_bytes, rows, (u + i) * T::BYTES + T::MIN_AT);
         }
       }
+      int64_t b = b0 + i;  // where in the panel
+      p.scale[2 * b] = p.scale[2 * b + 1] = scale;
+      p.min[b] = min;
+    }
+    return;
+  }
+  constexpr int S = T::SUBS < 2 ? 2 : T::SUBS;  // a pair of blocks at least
+  Block blk[16][S];
+  alignas(64) float sc0[S][16], sc1[S][16], mn[S][16];
+  int n = static_cast<int>(std::min<int64_t>(S, blocks - u * T::SUBS));  // blocks here
+  for (int r = 0; r < 16; ++r) {
+    for (int j = 0; j < S; ++j) blk[r][j] = Block{_mm256_setzero_si256(), {0.f, 0.f}, 0.f};
+    if (r < rows) {
+      const uint8_t* w = base + r * row_bytes;
+      // the file's pages are 4 KiB, where the hardware prefetcher stops: fetch
+      // ahead by hand
+      _mm_prefetch(reinterpret_cast<const char*>(w + u * T::BYTES + PREFETCH), _MM_HINT_T0);
+      for (int j = 0; j < n; j += T::SUBS) T::decode(w, u + j / T::SUBS, blk[r] + j);
+    }  // past the matrix's last row: zeros, whose outputs are not stored
+    for (int j = 0; j < S; ++j) {
+      sc0[j][r] = blk[r][j].scale[0];
+      sc1[j][r] = blk[r][j].scale[1];
+      mn[j][r] = T::MIN ? blk[r][j].min : 0.f;
     }
   }
-  for (int r = 0; r < R; ++r) y[r * ldy] = _mm512_reduce_add_ps(acc[r]);
+  for (int j = 0; j < S; j += 2) {
+    int64_t pair = (b0 + j) / 2;
+    __m512i* v = p.q.data() + pair * 16;
+    for (int r = 0; r < 16; ++r) {
+      v[r] = _mm512_inserti64x4(_mm512_castsi256_si512(blk[r][j].q), blk[r][j + 1].q, 1);
+    }
+    transpose16(v);
+    for (int i = 0; i < 2; ++i) {
+      int64_t b = b0 + j + i;
+      p.scale[2 * b] = _mm512_load_ps(sc0[j + i]);
+      p.scale[2 * b + 1] = _mm512_load_ps(sc1[j + i]);
+      p.min[b] = _mm512_load_ps(mn[j + i]);
+    }
+  }
+}
+
+// Block pb of the panel against block b of activation rows r0..r0+R, into acc.
+template <class T, int R>
+inline void accumulate(const Panel& p, int64_t pb, const Act& a, int64_t r0, int64_t b,
+                       __m512* acc) {
+  const __m512i* w = p.q.data() + (pb / 2) * 16 + (pb % 2) * 8;
+  for (int half = 0; half < T::HALVES; ++half) {
+    constexpr int QUADS = 8 / T::HALVES;
+    __m512i high[R], low[R];
+    for (int r = 0; r < R; ++r) high[r] = low[r] = _mm512_setzero_si512();
+    for (int k = half * QUADS; k < (half + 1) * QUADS; ++k) {
+      for (int r = 0; r < R; ++r) {
+        high[r] = dpbusd(high[r], w[k], _mm512_set1_epi32(a.h_at(r0 + r, b)[k]));
+        low[r] = dpbusd(low[r], w[k], _mm512_set1_epi32(a.l_at(r0 + r, b)[k]));
+      }
+    }
+    __m512 ws = p.scale[2 * pb + (T::HALVES == 2 ? half : 0)];
+    for (int r = 0; r < R; ++r) {
+      int64_t i = a.at(r0 + r, b);
+      int32_t xs = T::HALVES == 2 ? a.sum16[2 * i + half] : a.sum16[2 * i] + a.sum16[2 * i + 1];
+      __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(high[r], 8), low[r]);
+      sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(T::ZERO * xs));
+      __m512 scale = _mm512_mul_ps(ws, _mm512_set1_ps(a.scale[i]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r]);
+    }
+  }
+  if constexpr (T::MIN) {
+    for (int r = 0; r < R; ++r) {
+      __m512 xs = _mm512_set1_ps(a.scaled_sum[a.at(r0 + r, b)]);
+      acc[r] = _mm512_fmadd_ps(p.min[pb], xs, acc[r]);
+    }
+  }
+}
+
+template <int R>
+inline void store_rows(const __m512* acc, float* y, int64_t ldy, int cols) {
+  __mmask16 m = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * ldy, m, acc[r]);
+}
+
+constexpr int64_t unit_blocks(int subs) { return subs < 2 ? 2 : subs; }
+
+// Few activation rows (decode): each unit decoded and used at once, `p` holds one.
+template <class T, int R>
+void stream_rows(const uint8_t* base, int64_t row_bytes, int cols, const Act& a, Panel& p, float* y,
+                 int64_t ldy) {
+  constexpr int64_t U = unit_blocks(T::SUBS);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b0 = 0; b0 < a.blocks; b0 += U) {
+    decode_unit<T>(base, row_bytes, cols, b0 / T::SUBS, a.blocks, p, 0);
+    for (int64_t j = 0; j < std::min(U, a.blocks - b0); ++j) {
+      accumulate<T, R>(p, j, a, 0, b0 + j, acc);
+    }
+  }
+  store_rows<R>(acc, y, ldy, cols);
+}
+
+// Many activation rows (prefill): the panel decoded once for the whole K, then
+// rows r0..r0+R at a time.
+template <class T, int R>
+void panel_rows(const Panel& p, const Act& a, int64_t r0, float* y, int64_t ldy, int cols) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < a.blocks; ++b) accumulate<T, R>(p, b, a, r0, b, acc);
+  store_rows<R>(acc, y, ldy, cols);
 }
 
 inline __m512 load_weights(const float* w, __mmask16 m) { return _mm512_maskz_loadu_ps(m, w); }
@@ -308,27 +539,73 @@ void for_tiles(int64_t m, int64_t n, Fn fn) {
 template <class T>
 void run_quantized(const Tensor& w, const Act& a, int64_t m, float* out, int64_t ldy) {
   const uint8_t* base = w.data_ptr<uint8_t>();
-  int64_t row_bytes = w.size(1) * w.size(2);
-  for_tiles(m, w.size(0), [&](int64_t r0, int64_t rows, int64_t j) {
-    const uint8_t* row = base + j * row_bytes;
-    float* y = out + r0 * ldy + j;
-    switch (rows) {
-      case 8:
-        return dot_quantized<T, 8>(row, a, r0, y, ldy);
-      case 7:
-        return dot_quantized<T, 7>(row, a, r0, y, ldy);
-      case 6:
-        return dot_quantized<T, 6>(row, a, r0, y, ldy);
-      case 5:
-        return dot_quantized<T, 5>(row, a, r0, y, ldy);
-      case 4:
-        return dot_quantized<T, 4>(row, a, r0, y, ldy);
-      case 3:
-        return dot_quantized<T, 3>(row, a, r0, y, ldy);
-      case 2:
-        return dot_quantized<T, 2>(row, a, r0, y, ldy);
-      default:
-        return dot_quantized<T, 1>(row, a, r0, y, ldy);
+  int64_t n = w.size(0), row_bytes = w.size(1) * w.size(2);
+  at::parallel_for(0, (n + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+    Panel panel;
+    panel.resize(m <= MR ? unit_blocks(T::SUBS) / 2 : a.pairs);
+    for (int64_t g = begin; g < end; ++g) {
+      int64_t n0 = 16 * g;
+      const uint8_t* rows = base + n0 * row_bytes;
+      int cols = static_cast<int>(std::min<int64_t>(16, n - n0));
+      if (m <= MR) {
+        switch (m) {
+          case 8:
+            stream_rows<T, 8>(rows, row_bytes, cols, a, panel, out + n0, ldy);
+            break;
+          case 7:
+            stream_rows<T, 7>(rows, row_bytes, cols, a, panel, out + n0, ldy);
+            break;
+          case 6:
+            stream_rows<T, 6>(rows, row_bytes, cols, a, panel, out + n0, ldy);
+            break;
+          case 5:
+            stream_rows<T, 5>(rows, row_bytes, cols, a, panel, out + n0, ldy);
+            break;
+          case 4:
+            stream_rows<T, 4>(rows, row_bytes, cols, a, panel, out + n0, ldy);
+            break;
+          case 3:
+            stream_rows<T, 3>(rows, row_bytes, cols, a, panel, out + n0, ldy);
+            break;
+          case 2:
+            stream_rows<T, 2>(rows, row_bytes, cols, a, panel, out + n0, ldy);
+            break;
+          default:
+            stream_rows<T, 1>(rows, row_bytes, cols, a, panel, out + n0, ldy);
+        }
+        continue;
+      }
+      for (int64_t b0 = 0; b0 < a.blocks; b0 += unit_blocks(T::SUBS)) {
+        decode_unit<T>(rows, row_bytes, cols, b0 / T::SUBS, a.blocks, panel, b0);
+      }
+      for (int64_t r0 = 0; r0 < m; r0 += MR) {
+        float* y = out + r0 * ldy + n0;
+        switch (std::min(MR, m - r0)) {
+          case 8:
+            panel_rows<T, 8>(panel, a, r0, y, ldy, cols);
+            break;
+          case 7:
+            panel_rows<T, 7>(panel, a, r0, y, ldy, cols);
+            break;
+          case 6:
+            panel_rows<T, 6>(panel, a, r0, y, ldy, cols);
+            break;
+          case 5:
+            panel_rows<T, 5>(panel, a, r0, y, ldy, cols);
+            break;
+          case 4:
+            panel_rows<T, 4>(panel, a, r0, y, ldy, cols);
+            break;
+          case 3:
+            panel_rows<T, 3>(panel, a, r0, y, ldy, cols);
+            break;
+          case 2:
+            panel_rows<T, 2>(panel, a, r0, y, ldy, cols);
+            break;
+          default:
+            panel_rows<T, 1>(panel, a, r0, y, ldy, cols);
+        }
+      }
     }
   });
 }
