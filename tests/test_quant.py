@@ -175,3 +175,22 @@ def test_types_without_a_kernel_are_held_as_bf16() -> None:
     q2 = np.zeros(4 * 256 // 256 * GGML_QUANT_SIZES[Q.Q2_K][1], np.uint8)
     held = kernel_weights(q2, Q.Q2_K, (4, 256))
     assert held.dtype == torch.bfloat16 and held.shape == (4, 256)
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", [t for t in TYPES if t not in (Q.F16, Q.BF16, Q.F32)])
+def test_amx_tiles_give_the_vector_code_bits(qtype: Q) -> None:
+    """Many rows take AMX's tile products where the CPU has them; the integers and
+    the float steps are the vector code's, so the outputs are the same bits."""
+    w, _ = weights(qtype, 40, cols_for(qtype)[-1], seed=6)
+    x = torch.randn(70, w.shape[1] * (256 if qtype in K_QUANTS else 32))
+    try:
+        if not torch.ops.accordion.qmatmul_amx(True):
+            pytest.skip("no AMX on this CPU")
+        tiles = torch.ops.accordion.qmatmul(x, [w], None)
+        torch.ops.accordion.qmatmul_amx(False)
+        vectors = torch.ops.accordion.qmatmul(x, [w], None)
+    finally:
+        torch.ops.accordion.qmatmul_amx(True)
+    assert torch.equal(tiles, vectors)
+    assert rel_err(tiles, reference_matmul(x, [w])) < TOL
