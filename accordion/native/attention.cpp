@@ -118,27 +118,47 @@ inline void for_keys(const int64_t* spans, int64_t n_spans, int64_t lo, int64_t 
   }
 }
 
-// Keys [lo, hi) of one sequence for the `group` query heads q [group, d] sharing
-// one kv head (K and V rows [slots, d], contiguous). Writes, per query head, the
-// running maximum, the sum of exp(score - maximum) and the unnormalized output:
-// part[j * (d + 2) + ...] = {max, sum, out[0:d]}; parts are merged afterwards.
+// One part of the keys of up to MAX_Q query tokens that share their runs and first
+// key `lo` (a prefill chunk's tokens; a decode token alone): member j sees keys
+// [lo, his[j]), his[j] <= lo + PART. For each of its `group` query heads (sharing
+// one kv head; K and V rows [slots, d], contiguous) it writes to outs[j] the part's
+// maximum score, the sum of exp(score - maximum) and the unnormalized output:
+// {max, sum, out[0:d]} per head. Every number a member gets is computed by the
+// same operations, in the same order, as if it were alone: its scores are dot
+// products reduced lane by lane (reduce16 sums each vector on its own), its
+// softmax and weighted sum run over its own keys only.
+constexpr int64_t MAX_Q = 8;
+
+struct Scratch {
+  std::vector<float> scores;
+  std::vector<f16v> qv, dots, acc;
+};
+
 template <typename T, int C>  // C = d / 16
-void attend_part(const T* q, const T* k, const T* v, const int64_t* spans, int64_t n_spans,
-                 int64_t lo, int64_t hi, int64_t group, float scale, float* part,
-                 std::vector<float>& scores) {
+void attend_part(const T* const* qs, int64_t nq, const T* k, const T* v, const int64_t* spans,
+                 int64_t n_spans, int64_t lo, const int64_t* his, int64_t group, float scale,
+                 float* const* outs, Scratch& s) {
   constexpr int64_t d = C * W;
-  int64_t n = hi - lo, stride = (n + W - 1) / W * W;
-  scores.resize(group * stride);
-  f16v qv[MAX_GROUP][C], dots[MAX_GROUP][W], row[C];
-  for (int64_t j = 0; j < group; ++j) {
-    for (int c = 0; c < C; ++c) qv[j][c] = load(q + j * d + c * W) * scale;
+  int64_t hi = *std::max_element(his, his + nq), n = hi - lo, stride = (n + W - 1) / W * W;
+  int64_t pairs = nq * group;  // (member, head)
+  s.scores.resize(pairs * stride);
+  s.qv.resize(pairs * C);
+  s.dots.resize(pairs * W);
+  s.acc.assign(pairs * C, f16v{});
+  f16v row[C];
+  for (int64_t j = 0; j < nq; ++j) {
+    for (int64_t h = 0; h < group; ++h) {
+      for (int c = 0; c < C; ++c)
+        s.qv[(j * group + h) * C + c] = load(qs[j] + h * d + c * W) * scale;
+    }
   }
   int fill = 0;
   auto flush = [&](int64_t end) {  // scores of keys [end - fill, end) from their dots
-    for (int64_t j = 0; j < group; ++j) {
-      for (int f = fill; f < W; ++f) dots[j][f] = f16v{};
-      f16v r = reduce16(dots[j]);
-      std::memcpy(scores.data() + j * stride + end - fill, &r, sizeof r);
+    for (int64_t p = 0; p < pairs; ++p) {
+      f16v* dots = s.dots.data() + p * W;
+      for (int f = fill; f < W; ++f) dots[f] = f16v{};
+      f16v r = reduce16(dots);
+      std::memcpy(s.scores.data() + p * stride + end - fill, &r, sizeof r);
     }
     fill = 0;
   };
@@ -146,42 +166,48 @@ void attend_part(const T* q, const T* k, const T* v, const int64_t* spans, int64
   for_keys(spans, n_spans, lo, hi, reinterpret_cast<const char*>(k), bytes,
            [&](int64_t slot, int64_t l) {
              for (int c = 0; c < C; ++c) row[c] = load(k + slot * d + c * W);
-             for (int64_t j = 0; j < group; ++j) {
-               f16v dot = qv[j][0] * row[0];
-               for (int c = 1; c < C; ++c) dot += qv[j][c] * row[c];
-               dots[j][fill] = dot;
+             for (int64_t p = 0; p < pairs; ++p) {
+               const f16v* qv = s.qv.data() + p * C;
+               f16v dot = qv[0] * row[0];
+               for (int c = 1; c < C; ++c) dot += qv[c] * row[c];
+               s.dots[p * W + fill] = dot;
              }
              if (++fill == W) flush(l + 1);
            });
   if (fill > 0) flush(n);
-  for (int64_t j = 0; j < group; ++j) {  // softmax numerators; padding lanes count 0
-    float* sj = scores.data() + j * stride;
-    float top = *std::max_element(sj, sj + n);
+  for (int64_t p = 0; p < pairs; ++p) {  // softmax numerators; padding lanes count 0
+    int64_t nj = his[p / group] - lo, sj_stride = (nj + W - 1) / W * W;
+    float* sj = s.scores.data() + p * stride;
+    float top = *std::max_element(sj, sj + nj);
     f16v run = {};
-    for (int64_t m = 0; m < stride; m += W) {
+    for (int64_t m = 0; m < sj_stride; m += W) {
       f16v e = exp_nonpositive(load(sj + m) - top);
-      for (int64_t z = n - m; z < W; ++z) e[z] = 0.f;
+      for (int64_t z = nj - m; z < W; ++z) e[z] = 0.f;
       std::memcpy(sj + m, &e, sizeof e);
       run += e;
     }
-    part[j * (d + 2)] = top;
-    part[j * (d + 2) + 1] = sum(run);
+    float* out = outs[p / group] + (p % group) * (d + 2);
+    out[0] = top;
+    out[1] = sum(run);
   }
-  f16v acc[MAX_GROUP][C] = {};
   for_keys(spans, n_spans, lo, hi, reinterpret_cast<const char*>(v), bytes,
            [&](int64_t slot, int64_t l) {
              for (int c = 0; c < C; ++c) row[c] = load(v + slot * d + c * W);
-             for (int64_t j = 0; j < group; ++j) {
-               float p = scores[j * stride + l];
-               for (int c = 0; c < C; ++c) acc[j][c] += p * row[c];
+             for (int64_t p = 0; p < pairs; ++p) {
+               if (lo + l >= his[p / group]) continue;  // past this member's keys
+               float pr = s.scores[p * stride + l];
+               f16v* acc = s.acc.data() + p * C;
+               for (int c = 0; c < C; ++c) acc[c] += pr * row[c];
              }
            });
-  for (int64_t j = 0; j < group; ++j) std::memcpy(part + j * (d + 2) + 2, acc[j], d * 4);
+  for (int64_t p = 0; p < pairs; ++p) {
+    std::memcpy(outs[p / group] + (p % group) * (d + 2) + 2, s.acc.data() + p * C, d * 4);
+  }
 }
 
 template <typename T>
-using PartFn = void (*)(const T*, const T*, const T*, const int64_t*, int64_t, int64_t, int64_t,
-                        int64_t, float, float*, std::vector<float>&);
+using PartFn = void (*)(const T* const*, int64_t, const T*, const T*, const int64_t*, int64_t,
+                        int64_t, const int64_t*, int64_t, float, float* const*, Scratch&);
 
 template <typename T>
 PartFn<T> part_fn(int64_t d) {
@@ -201,49 +227,71 @@ PartFn<T> part_fn(int64_t d) {
   }
 }
 
-// Each sequence's keys are cut in parts of PART; every (sequence, kv head, part) is
-// a task, run in parallel; then each query head's parts merge by their maxima.
+// Each query's keys are cut in parts of PART from its first key; queries that share
+// runs and first key go in groups of MAX_Q, and every (group, part, kv head) is a
+// task, run in parallel; then each query head's parts merge by their maxima.
 template <typename T>
 void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const int64_t* range,
          int64_t b, int64_t heads, int64_t kv_heads, int64_t d, int64_t hs, float scale) {
-  int64_t group = heads / kv_heads;
-  std::vector<int64_t> task_seq, task_lo, task_hi;  // a task: keys [lo, hi) of a query
-  std::vector<int64_t> seq_parts(b + 1, 0);
+  int64_t group = heads / kv_heads, per = group * (d + 2);
+  std::vector<int64_t> first_part(b + 1, 0);  // query i owns parts [first_part[i], ...[i + 1])
   for (int64_t i = 0; i < b; ++i) {
-    // parts start at the query's first key: where they fall depends on the query alone
-    int64_t hi = range[4 * i + 3];
-    for (int64_t lo = range[4 * i + 2]; lo < hi; lo += PART) {
-      task_seq.push_back(i);
-      task_lo.push_back(lo);
-      task_hi.push_back(std::min(hi, lo + PART));
-    }
-    seq_parts[i + 1] = task_seq.size();
+    int64_t n = range[4 * i + 3] - range[4 * i + 2];
+    first_part[i + 1] = first_part[i] + (n + PART - 1) / PART;
   }
-  int64_t tasks = task_seq.size(), per = group * (d + 2);
-  std::vector<float> parts(tasks * kv_heads * per);
+  struct Task {
+    int64_t first, count, part;  // queries [first, first + count), their part `part`
+  };
+  std::vector<Task> tasks;
+  for (int64_t i = 0; i < b;) {
+    int64_t j = i + 1;
+    auto same = [&](int64_t x) {
+      return range[4 * x] == range[4 * i] && range[4 * x + 1] == range[4 * i + 1] &&
+             range[4 * x + 2] == range[4 * i + 2];
+    };
+    while (j < b && j - i < MAX_Q && same(j)) ++j;
+    int64_t most = 0;
+    for (int64_t x = i; x < j; ++x) most = std::max(most, first_part[x + 1] - first_part[x]);
+    for (int64_t p = 0; p < most; ++p) tasks.push_back({i, j - i, p});
+    i = j;
+  }
+  std::vector<float> parts(first_part[b] * kv_heads * per);
   PartFn<T> fn = part_fn<T>(d);
-  at::parallel_for(0, tasks * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t t = begin; t < end; ++t) {
-      int64_t task = t / kv_heads, g = t % kv_heads, i = task_seq[task];
-      fn(q + (i * heads + g * group) * d, k + g * hs, v + g * hs, span + 2 * range[4 * i],
-         range[4 * i + 1] - range[4 * i], task_lo[task], task_hi[task], group, scale,
-         parts.data() + t * per, scores);
-    }
-  });
+  at::parallel_for(
+      0, static_cast<int64_t>(tasks.size()) * kv_heads, 1, [&](int64_t begin, int64_t end) {
+        Scratch scratch;
+        for (int64_t t = begin; t < end; ++t) {
+          const Task& task = tasks[t / kv_heads];
+          int64_t g = t % kv_heads, i0 = task.first;
+          int64_t lo = range[4 * i0 + 2] + task.part * PART;
+          const T* qs[MAX_Q];
+          int64_t his[MAX_Q];
+          float* outs[MAX_Q];
+          int64_t nq = 0;
+          for (int64_t i = i0; i < i0 + task.count; ++i) {
+            if (first_part[i] + task.part >= first_part[i + 1]) continue;  // it has fewer parts
+            qs[nq] = q + (i * heads + g * group) * d;
+            his[nq] = std::min(range[4 * i + 3], lo + PART);
+            outs[nq] = parts.data() + ((first_part[i] + task.part) * kv_heads + g) * per;
+            ++nq;
+          }
+          fn(qs, nq, k + g * hs, v + g * hs, span + 2 * range[4 * i0],
+             range[4 * i0 + 1] - range[4 * i0], lo, his, group, scale, outs, scratch);
+        }
+      });
   std::vector<float> o(d);
   for (int64_t i = 0; i < b; ++i) {
     for (int64_t h = 0; h < heads; ++h) {
       int64_t g = h / group, j = h % group;
-      auto at = [&](int64_t task) {
-        return parts.data() + (task * kv_heads + g) * per + j * (d + 2);
+      auto at = [&](int64_t part) {
+        return parts.data() + (part * kv_heads + g) * per + j * (d + 2);
       };
       float top = -INFINITY, total = 0.f;
-      for (int64_t task = seq_parts[i]; task < seq_parts[i + 1]; ++task)
-        top = std::max(top, at(task)[0]);
+      for (int64_t part = first_part[i]; part < first_part[i + 1]; ++part)
+        top = std::max(top, at(part)[0]);
       std::fill(o.begin(), o.end(), 0.f);
-      for (int64_t task = seq_parts[i]; task < seq_parts[i + 1]; ++task) {
-        const float* p = at(task);
+      for (int64_t part = first_part[i]; part < first_part[i + 1]; ++part) {
+        const float* p = at(part);
         float w = std::exp(p[0] - top);
         total += w * p[1];
         for (int64_t c = 0; c < d; ++c) o[c] += w * p[2 + c];
