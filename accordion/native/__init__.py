@@ -1,6 +1,7 @@
 """Native ops: C++ that calls ATen with no interpreter between kernels.
 
-`qmatmul.cpp` is the one matrix kernel, over the GGUF file's own blocks;
+`qmatmul.cpp` is the one matrix kernel, over the GGUF file's own blocks
+(`blocks.h`, `activations.h`), with `qmatmul_amx.cpp` its AMX tiles;
 `block.cpp` holds a transformer block's work around attention as two ops and
 `attention.cpp` the paged attention of every query token (see their headers).
 They are compiled with the machine's g++ against the installed torch the first
@@ -29,7 +30,11 @@ from accordion.loader.gguf_file import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(f"{name}.cpp") for name in ("block", "attention", "qmatmul")]
+SOURCES = [
+    Path(__file__).with_name(f"{name}.cpp")
+    for name in ("block", "attention", "qmatmul", "qmatmul_amx")
+]
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 _state: dict[str, bool] = {}
 
 
@@ -59,7 +64,7 @@ def _link_flags() -> list[str]:
 def library_path() -> Path:
     """Where the library for these sources on this machine lives:
     accordion-<machine>-<sources>.so."""
-    sources = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
+    sources = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS))
     name = f"accordion-{_machine_key()}-{sources.hexdigest()[:12]}.so"
     return cache_root() / "native" / name
 

@@ -1,0 +1,138 @@
+// What both matrix kernels share (qmatmul.cpp, qmatmul_amx.cpp): activations
+// quantized to int16 per block of 32 and held as two int8 digits, the exact
+// u8 x s8 products, and the one arithmetic every quantized output element follows.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "blocks.h"
+
+namespace accordion_native {
+
+// u8 x s8 products summed four at a time into int32 lanes, exactly
+inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpbusd_epi32(acc, u, s);
+#else
+  // widened to 16 bits no product or pair sum overflows: pairs by madd, then
+  // adjacent pairs of those gathered from the two halves
+  __m512i lo = _mm512_madd_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(u)),
+                                 _mm512_cvtepi8_epi16(_mm512_castsi512_si256(s)));
+  __m512i hi = _mm512_madd_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(u, 1)),
+                                 _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(s, 1)));
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_permutex2var_epi32(lo, even, hi),
+                                                _mm512_permutex2var_epi32(lo, odd, hi)));
+#endif
+}
+
+// Activation rows quantized per block of 32 to int16 q (scale = max|x| / LEVELS):
+// rounding moves a value by at most 1.5e-5 of its block's largest, finer than the
+// bf16 activations other CPU paths use, where int8 (llama.cpp's choice) measurably
+// moved SmolLM2's greedy tokens. Each q is held as two int8 digits, q = 256 h + l
+// (l in [-128, 127]; LEVELS keeps h in [-127, 127]), so that a block's exact sum
+// against unsigned 8-bit weights is 256 * sum(w h) + sum(w l): two u8 x s8
+// products, which VNNI (and AMX) compute exactly.
+constexpr int32_t LEVELS = 127 * 256 + 127;
+
+struct Act {
+  int64_t blocks = 0, pairs = 0;  // blocks of 32; pairs of blocks (the last one padded)
+  std::vector<int8_t> h, l;       // [rows][pairs * 64]
+  std::vector<float> scale;       // [rows][pairs * 2]
+  std::vector<int32_t> sum16;     // [rows][pairs * 4]: sum(q) of each 16 values
+  std::vector<float> scaled_sum;  // [rows][pairs * 2]: scale * sum(q), for the minimums
+
+  const int32_t* h_at(int64_t r, int64_t b) const {
+    return reinterpret_cast<const int32_t*>(h.data() + (r * pairs * 2 + b) * 32);
+  }
+  const int32_t* l_at(int64_t r, int64_t b) const {
+    return reinterpret_cast<const int32_t*>(l.data() + (r * pairs * 2 + b) * 32);
+  }
+  int64_t at(int64_t r, int64_t b) const { return r * pairs * 2 + b; }
+};
+
+inline void quantize(const float* x, int64_t rows, int64_t k, Act& a) {
+  a.blocks = k / 32;
+  a.pairs = (a.blocks + 1) / 2;
+  int64_t padded = a.pairs * 2;
+  a.h.assign(rows * padded * 32, 0);
+  a.l.assign(rows * padded * 32, 0);
+  a.scale.assign(rows * padded, 0.f);
+  a.sum16.assign(rows * padded * 2, 0);
+  a.scaled_sum.assign(rows * padded, 0.f);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t b = 0; b < a.blocks; ++b) {
+        const float* xb = x + r * k + b * 32;
+        __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        float d = amax / LEVELS, id = amax > 0.f ? LEVELS / amax : 0.f;
+        __m512i q[2] = {_mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(id))),
+                        _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(id)))};
+        int64_t i = a.at(r, b);
+        int32_t total = 0;
+        for (int half = 0; half < 2; ++half) {
+          q[half] = _mm512_max_epi32(_mm512_min_epi32(q[half], _mm512_set1_epi32(LEVELS)),
+                                     _mm512_set1_epi32(-LEVELS));
+          __m512i high = _mm512_srai_epi32(_mm512_add_epi32(q[half], _mm512_set1_epi32(128)), 8);
+          __m512i low = _mm512_sub_epi32(q[half], _mm512_slli_epi32(high, 8));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(a.h.data() + i * 32 + 16 * half),
+                           _mm512_cvtepi32_epi8(high));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(a.l.data() + i * 32 + 16 * half),
+                           _mm512_cvtepi32_epi8(low));
+          a.sum16[2 * i + half] = _mm512_reduce_add_epi32(q[half]);
+          total += a.sum16[2 * i + half];
+        }
+        a.scale[i] = d;
+        a.scaled_sum[i] = d * static_cast<float>(total);
+      }
+    }
+  });
+}
+
+// The arithmetic of every quantized output element, whichever code computes it:
+//   acc = 0; for each block of 32 (in order), for each half h (Q6_K has two):
+//     acc = fma(float(exact integer sum of (w - ZERO) * q), w_scale * x_scale, acc)
+//   and for types with a minimum: acc = fma(w_min, x_scale * sum(q), acc).
+// Vectors run across 16 weight rows (16 output columns), so no element's sum is
+// ever split between lanes: tiles of rows and columns change nothing.
+
+// 16 rows of 16 int32 -> 16 columns: v[i] lane j <- v[j] lane i
+inline void transpose16(__m512i* v) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {  // 128-bit lanes: rows 4i..4i+3 hold lane group i
+    t[i] = _mm512_shuffle_i32x4(v[i], v[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_i32x4(v[i], v[4 + i], 0xDD);
+    t[8 + i] = _mm512_shuffle_i32x4(v[8 + i], v[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_i32x4(v[8 + i], v[12 + i], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+    v[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xDD);
+    v[4 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0x88);
+    v[12 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0xDD);
+  }
+}
+
+// Products of many activation rows on AMX (qmatmul_amx.cpp): false where the CPU
+// or the kernel lacks AMX, or where `m` rows are too few to pay for the tiles.
+bool amx_matmul(const uint8_t* w, int64_t n, int64_t row_bytes, int64_t block_bytes, const Act& a,
+                int64_t m, float* out, int64_t ldy);
+bool amx_available();
+
+}  // namespace accordion_native
