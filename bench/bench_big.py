@@ -1,11 +1,11 @@
-"""Beyond the toy: a TinyLlama-shaped 1.1B random-weight Q4_0 GGUF, accordion against
+"""Beyond the toy: a TinyLlama-shaped 1.1B random-weight GGUF, accordion against
 llama.cpp's llama-server on the same file, in one run.
 
-    .venv/bin/python bench/bench_big.py [--modes auto] [--skip-peer]
+    .venv/bin/python bench/bench_big.py [--file q4_0|q4_k_m] [--modes auto] [--skip-peer]
 
-The file (22 layers, hidden 2048, 32 heads, 4 KV heads, FFN 5632, vocabulary 32000,
-~600 MiB) is written once with gguf's writer into $ACCORDION_CACHE/bench (never
-committed). For accordion, bench_foundation.measure runs in a fresh process per mode:
+The file (22 layers, hidden 2048, 32 heads, 4 KV heads, FFN 5632, vocabulary 32000;
+Q4_0, ~560 MiB, or Q4_K_M's mix of Q4_K and Q6_K, ~700 MiB) is written once with
+gguf's writer into $ACCORDION_CACHE/bench (never committed). For accordion, bench_foundation.measure runs in a fresh process per mode:
 load seconds, RSS after load, prefill and decode tokens/s. The process floor is the RSS
 of a fresh interpreter with torch and the server imported and no model. For the peer,
 llama-server (-t 2 -c 4096) answers a 'hello' and a 128-token completion: its RSS after
@@ -15,6 +15,7 @@ that and its own prefill/decode timings.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import socket
@@ -43,13 +44,23 @@ TINYLLAMA = TinySpec(
 )  # fmt: skip
 
 
-def big_file() -> Path:
-    path = cache_root() / "bench" / "tinyllama-1.1b-random-q4_0.gguf"
+# the usual Q4_K_M mix: Q4_K, with V, the FFN's down matrix and the embedding in Q6_K
+TINYLLAMA_Q4_K_M = dataclasses.replace(
+    TINYLLAMA,
+    quant=Q.Q4_K,
+    embed_quant=Q.Q6_K,
+    overrides=(("attn_v.weight", Q.Q6_K), ("ffn_down.weight", Q.Q6_K)),
+)
+FILES = {"q4_0": TINYLLAMA, "q4_k_m": TINYLLAMA_Q4_K_M}
+
+
+def big_file(kind: str = "q4_0") -> Path:
+    path = cache_root() / "bench" / f"tinyllama-1.1b-random-{kind}.gguf"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         tmp = path.with_suffix(".tmp")
-        write_tiny(tmp, TINYLLAMA)
+        write_tiny(tmp, FILES[kind])
         tmp.replace(path)
         print(f"wrote {path} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return path
@@ -105,8 +116,9 @@ def main() -> None:
     ap.add_argument("--modes", default="auto")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--file", choices=sorted(FILES), default="q4_0", help="which mix of types")
     args = ap.parse_args()
-    path = big_file()
+    path = big_file(args.file)
     size = path.stat().st_size / 2**20
     floor = isolated(floor_mib)
     print(f"file {size:.0f} MiB; process floor (torch + server, no model) {floor:.0f} MiB")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, quants
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, quants
 
 Q = GGMLQuantizationType
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -27,6 +27,30 @@ class TinySpec:
     seed: int = 0
     vocab: int = 0  # pad the byte vocabulary with filler tokens up to this size (0: don't)
     embed_quant: Q = Q.F32  # type of token_embd (real files quantize it like the rest)
+    # per-tensor types by name ending, e.g. Q4_K_M's (("attn_v.weight", Q.Q6_K), ...)
+    overrides: tuple[tuple[str, Q], ...] = ()
+
+
+K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+
+def k_quant_blocks(rng: np.random.Generator, rows: int, cols: int, qtype: Q) -> np.ndarray:
+    """Random K-quant blocks, [rows, row bytes]: gguf's Python has no K-quant quantizer,
+    so values and sub-block scales are random bytes and the super-block scales small
+    enough that activations stay finite through many layers."""
+    block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows, cols // block_elems, block_bytes), dtype=np.uint8)
+    top = 4e-5 if qtype == Q.Q6_K else 2e-4  # Q6_K's sub-scales are int8, the others 6-bit
+
+    def scales() -> np.ndarray:
+        d = rng.uniform(top / 4, top, raw.shape[:2]).astype(np.float16)
+        return d.view(np.uint8).reshape(*raw.shape[:2], 2)
+
+    if qtype == Q.Q6_K:
+        raw[..., 208:210] = scales()
+    else:  # d and dmin
+        raw[..., 0:2], raw[..., 2:4] = scales(), scales()
+    return raw.reshape(rows, -1)
 
 
 def _byte_vocab() -> tuple[list[str], list[str]]:
@@ -84,20 +108,27 @@ def write_tiny(path: Path, spec: TinySpec) -> Path:
     w.add_add_bos_token(False)
 
     def big(name: str, rows: int, cols: int, scale: float = 0.08) -> None:
+        qtype = next((t for end, t in spec.overrides if name.endswith(end)), spec.quant)
+        if qtype in K_QUANTS:
+            w.add_tensor(name, k_quant_blocks(rng, rows, cols, qtype), raw_dtype=qtype)
+            return
         m = _matrix(rng, rows, cols, scale)
-        if spec.quant in (Q.F32,):
+        if qtype in (Q.F32,):
             w.add_tensor(name, m)
-        elif spec.quant == Q.F16:
+        elif qtype == Q.F16:
             w.add_tensor(name, m.astype(np.float16))
         else:
-            w.add_tensor(name, quants.quantize(m, spec.quant), raw_dtype=spec.quant)
+            w.add_tensor(name, quants.quantize(m, qtype), raw_dtype=qtype)
 
     def vec(name: str, n: int, around: float = 1.0) -> None:
         w.add_tensor(name, (around + 0.1 * rng.standard_normal(n)).astype(np.float32))
 
     q_dim, kv_dim = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
     embed = _matrix(rng, vocab, spec.hidden, 0.5)
-    if spec.embed_quant == Q.F32:
+    if spec.embed_quant in K_QUANTS:
+        raw = k_quant_blocks(rng, vocab, spec.hidden, spec.embed_quant)
+        w.add_tensor("token_embd.weight", raw, raw_dtype=spec.embed_quant)
+    elif spec.embed_quant == Q.F32:
         w.add_tensor("token_embd.weight", embed)
     else:
         w.add_tensor(
