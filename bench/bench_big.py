@@ -5,10 +5,12 @@ llama.cpp's llama-server on the same file, in one run.
 
 The file (22 layers, hidden 2048, 32 heads, 4 KV heads, FFN 5632, vocabulary 32000;
 Q4_0, ~560 MiB, or Q4_K_M's mix of Q4_K and Q6_K, ~700 MiB) is written once with
-gguf's writer into $ACCORDION_CACHE/bench (never committed). For accordion, bench_foundation.measure runs in a fresh process per mode:
-load seconds, RSS after load, prefill and decode tokens/s. The process floor is the RSS
-of a fresh interpreter with torch and the server imported and no model. For the peer,
-llama-server (-t 2 -c 4096) answers a 'hello' and a 128-token completion: its RSS after
+gguf's writer into $ACCORDION_CACHE/bench (never committed). For accordion,
+bench_foundation.measure runs in a fresh process per mode: load seconds, RSS after
+load and after the requests, peak RSS, prefill and decode tokens/s. The process floor
+is the RSS of a fresh interpreter with torch and the server imported and no model.
+For the peer, llama-server (-t 2 -c 4096) answers a 'hello' and a 128-token
+completion: its RSS after
 that and its own prefill/decode timings.
 """
 

@@ -3,6 +3,9 @@ decoders; and its promise: each output row depends on its input row alone."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+
 import numpy as np
 import pytest
 import torch
@@ -194,3 +197,30 @@ def test_amx_tiles_give_the_vector_code_bits(qtype: Q) -> None:
         torch.ops.accordion.qmatmul_amx(True)
     assert torch.equal(tiles, vectors)
     assert rel_err(tiles, reference_matmul(x, [w])) < TOL
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", TYPES)
+def test_kernel_reads_nothing_past_the_last_row(qtype: Q) -> None:
+    """A file's last tensor ends its mapping: the weights here end where a page
+    nobody may read begins (an over-read would kill the process, not fail)."""
+    page = mmap.PAGESIZE
+    raw = np.ascontiguousarray(raw_matrix(qtype, 16, cols_for(qtype)[0])).reshape(-1)
+    pages = -(-raw.nbytes // page)
+    region = mmap.mmap(-1, (pages + 1) * page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(base + pages * page), page, 0) == 0  # PROT_NONE
+    try:
+        at = pages * page - raw.nbytes
+        view = np.frombuffer(region, np.uint8, raw.nbytes, at)
+        view[:] = raw
+        w = kernel_weights(view, qtype, (16, cols_for(qtype)[0]))
+        for m in (1, 20, 40):  # streamed, from a panel, on tiles
+            x = torch.randn(m, cols_for(qtype)[0])
+            assert (
+                rel_err(torch.ops.accordion.qmatmul(x, [w], None), reference_matmul(x, [w])) < TOL
+            )
+        del w, view
+    finally:
+        libc.mprotect(ctypes.c_void_p(base + pages * page), page, 3)  # read and write again

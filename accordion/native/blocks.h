@@ -140,6 +140,45 @@ inline void k_scales(const uint8_t* sb, Block* b) {
   }
 }
 
+// 16 rows' 32-bit words at byte `at` of each row (row r at base + r * row_bytes);
+// rows past `rows` read as zeros. All four bytes must lie in the row: its last
+// block may end the file's mapping.
+inline __m512i gather32(const uint8_t* base, int64_t row_bytes, int rows, int64_t at) {
+  __m512i idx =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
+  __mmask16 m = rows >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << rows) - 1);
+  return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, base + at, 1);
+}
+
+// ... their fp16 at byte `at`, as floats
+inline __m512 gather_f16(const uint8_t* base, int64_t row_bytes, int rows, int64_t at) {
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(gather32(base, row_bytes, rows, at)));
+}
+
+// k_scales across 16 rows: sc[j] = d * scale_j, mn[j] = -dmin * min_j, as the scalar
+// code computes them (the same products, so the same bits)
+inline void k_scales16(const uint8_t* sb, int64_t row_bytes, int rows, __m512* sc, __m512* mn) {
+  __m512 d = gather_f16(sb, row_bytes, rows, 0);
+  __m512 dmin = _mm512_sub_ps(_mm512_setzero_ps(), gather_f16(sb, row_bytes, rows, 2));
+  __m512i a = gather32(sb, row_bytes, rows, 4), b = gather32(sb, row_bytes, rows, 8);
+  __m512i c = gather32(sb, row_bytes, rows, 12);  // scale bytes 0-3, 4-7, 8-11
+  auto field = [](__m512i v, int shift, int mask) {
+    return _mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi32(mask));
+  };
+  for (int j = 0; j < 4; ++j) {
+    __m512i s_lo = field(a, 8 * j, 63), m_lo = field(b, 8 * j, 63);
+    __m512i s_hi =
+        _mm512_or_si512(field(c, 8 * j, 0xF), _mm512_slli_epi32(field(a, 8 * j + 6, 3), 4));
+    __m512i m_hi =
+        _mm512_or_si512(field(c, 8 * j + 4, 0xF), _mm512_slli_epi32(field(b, 8 * j + 6, 3), 4));
+    sc[j] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(s_lo));
+    mn[j] = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(m_lo));
+    sc[4 + j] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(s_hi));
+    mn[4 + j] = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(m_hi));
+  }
+}
+
 // 32 bytes of qs: low nibbles are sub-block 2c, high nibbles 2c + 1
 inline __m256i k_nibbles(const uint8_t* qs, int high) {
   __m256i v = load256(qs);
@@ -151,10 +190,18 @@ struct Q4_K {
   static constexpr int HALVES = 1, BLOCK = 256, BYTES = 144, SUBS = 8;
   static constexpr int ZERO = 0;
   static constexpr bool MIN = true;
+  static void values(const uint8_t* sb, __m256i* q) {
+    for (int j = 0; j < 8; ++j) q[j] = k_nibbles(sb + 16 + 32 * (j / 2), j % 2);
+  }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* sb = row + u * BYTES;
     k_scales(sb, b);
-    for (int j = 0; j < 8; ++j) b[j].q = k_nibbles(sb + 16 + 32 * (j / 2), j % 2);
+    __m256i q[8];
+    values(sb, q);
+    for (int j = 0; j < 8; ++j) b[j].q = q[j];
+  }
+  static void scales(const uint8_t* sb, int64_t row_bytes, int rows, __m512* sc, __m512* mn) {
+    k_scales16(sb, row_bytes, rows, sc, mn);
   }
 };
 
@@ -162,16 +209,22 @@ struct Q5_K {
   static constexpr int HALVES = 1, BLOCK = 256, BYTES = 176, SUBS = 8;
   static constexpr int ZERO = 0;
   static constexpr bool MIN = true;
-  static void decode(const uint8_t* row, int64_t u, Block* b) {
-    const uint8_t* sb = row + u * BYTES;
-    k_scales(sb, b);
+  static void values(const uint8_t* sb, __m256i* q) {
     __m256i qh = load256(sb + 16);  // bit j of byte l: the fifth bit of value l of sub-block j
     for (int j = 0; j < 8; ++j) {
       __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, j), _mm256_set1_epi8(0x01));
-      __m256i q =
-          _mm256_or_si256(k_nibbles(sb + 48 + 32 * (j / 2), j % 2), _mm256_slli_epi16(high, 4));
-      b[j].q = q;
+      q[j] = _mm256_or_si256(k_nibbles(sb + 48 + 32 * (j / 2), j % 2), _mm256_slli_epi16(high, 4));
     }
+  }
+  static void decode(const uint8_t* row, int64_t u, Block* b) {
+    const uint8_t* sb = row + u * BYTES;
+    k_scales(sb, b);
+    __m256i q[8];
+    values(sb, q);
+    for (int j = 0; j < 8; ++j) b[j].q = q[j];
+  }
+  static void scales(const uint8_t* sb, int64_t row_bytes, int rows, __m512* sc, __m512* mn) {
+    k_scales16(sb, row_bytes, rows, sc, mn);
   }
 };
 
@@ -179,22 +232,40 @@ struct Q6_K {
   static constexpr int BLOCK = 256, BYTES = 210, SUBS = 8, HALVES = 2;
   static constexpr int ZERO = 32;
   static constexpr bool MIN = false;
-  static void decode(const uint8_t* row, int64_t u, Block* b) {
-    const uint8_t* sb = row + u * BYTES;
-    const int8_t* sc = reinterpret_cast<const int8_t*>(sb + 192);
-    float d = f16(sb + 208);
-    // half n (values 128n..): sub-block 4n + i takes ql[64n + 32 (i % 2)..] (low
-    // nibbles for i < 2, high for i >= 2) and bits 2i, 2i + 1 of qh[32n..]
+  // half n (values 128n..): sub-block 4n + i takes ql[64n + 32 (i % 2)..] (low
+  // nibbles for i < 2, high for i >= 2) and bits 2i, 2i + 1 of qh[32n..]
+  static void values(const uint8_t* sb, __m256i* q) {
     for (int j = 0; j < 8; ++j) {
       int n = j / 4, i = j % 4;
       __m256i low = k_nibbles(sb + 64 * n + 32 * (i % 2), i / 2);
       __m256i qh = load256(sb + 128 + 32 * n);
       __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * i), _mm256_set1_epi8(0x03));
-      __m256i q = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
-      b[j].q = q;
-      // 16 values per scale: int16 lanes 0-15 are int32 lanes 0-7
-      b[j].scale[0] = d * sc[8 * n + 2 * i];
-      b[j].scale[1] = d * sc[8 * n + 2 * i + 1];
+      q[j] = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+    }
+  }
+  static void decode(const uint8_t* row, int64_t u, Block* b) {
+    const uint8_t* sb = row + u * BYTES;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(sb + 192);
+    float d = f16(sb + 208);
+    __m256i q[8];
+    values(sb, q);
+    for (int j = 0; j < 8; ++j) {  // a scale per 16 values
+      b[j].q = q[j];
+      b[j].scale[0] = d * sc[2 * j];
+      b[j].scale[1] = d * sc[2 * j + 1];
+    }
+  }
+  // sc[2j], sc[2j + 1]: sub-block j's two scales across 16 rows (mn unused)
+  static void scales(const uint8_t* sb, int64_t row_bytes, int rows, __m512* sc, __m512*) {
+    // d is the block's last two bytes: read the word ending there, not past it
+    __m512i dw = _mm512_srli_epi32(gather32(sb, row_bytes, rows, 206), 16);
+    __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dw));
+    for (int w = 0; w < 4; ++w) {
+      __m512i bytes = gather32(sb, row_bytes, rows, 192 + 4 * w);
+      for (int i = 0; i < 4; ++i) {  // byte i, sign-extended
+        __m512i v = _mm512_srai_epi32(_mm512_slli_epi32(bytes, 24 - 8 * i), 24);
+        sc[4 * w + i] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(v));
+      }
     }
   }
 };

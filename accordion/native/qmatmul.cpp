@@ -51,16 +51,6 @@ struct Panel {
 
 // Decodes unit u (T::SUBS blocks) of `rows` (<= 16) weight rows into the panel,
 // at block b0 (even); a last odd block is paired with zeros.
-// 16 rows' fp16 at byte `at` of each row (row r at base + r * row_bytes) as floats
-inline __m512 gather_f16(const uint8_t* base, int64_t row_bytes, int rows, int64_t at) {
-  __m512i idx =
-      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                         _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
-  __mmask16 m = rows >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << rows) - 1);
-  __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, base + at, 1);
-  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
-}
-
 template <class T>
 inline void decode_unit(const uint8_t* base, int64_t row_bytes, int rows, int64_t u, int64_t blocks,
                         Panel& p, int64_t b0) {
@@ -92,39 +82,34 @@ inline void decode_unit(const uint8_t* base, int64_t row_bytes, int rows, int64_
       p.scale[2 * b] = p.scale[2 * b + 1] = scale;
       p.min[b] = min;
     }
-    return;
-  }
-  constexpr int S = T::SUBS < 2 ? 2 : T::SUBS;  // a pair of blocks at least
-  Block blk[16][S];
-  alignas(64) float sc0[S][16], sc1[S][16], mn[S][16];
-  int n = static_cast<int>(std::min<int64_t>(S, blocks - u * T::SUBS));  // blocks here
-  for (int r = 0; r < 16; ++r) {
-    for (int j = 0; j < S; ++j) blk[r][j] = Block{_mm256_setzero_si256(), {0.f, 0.f}, 0.f};
-    if (r < rows) {
-      const uint8_t* w = base + r * row_bytes;
-      // the file's pages are 4 KiB, where the hardware prefetcher stops: fetch
-      // ahead by hand
-      _mm_prefetch(reinterpret_cast<const char*>(w + u * T::BYTES + PREFETCH), _MM_HINT_T0);
-      for (int j = 0; j < n; j += T::SUBS) T::decode(w, u + j / T::SUBS, blk[r] + j);
-    }  // past the matrix's last row: zeros, whose outputs are not stored
-    for (int j = 0; j < S; ++j) {
-      sc0[j][r] = blk[r][j].scale[0];
-      sc1[j][r] = blk[r][j].scale[1];
-      mn[j][r] = T::MIN ? blk[r][j].min : 0.f;
-    }
-  }
-  for (int j = 0; j < S; j += 2) {
-    int64_t pair = (b0 + j) / 2;
-    __m512i* v = p.q.data() + pair * 16;
+  } else {
+    // a super-block (8 blocks, 4 pairs) of each row; scales unpacked across the rows
     for (int r = 0; r < 16; ++r) {
-      v[r] = _mm512_inserti64x4(_mm512_castsi256_si512(blk[r][j].q), blk[r][j + 1].q, 1);
+      __m256i q[8];
+      if (r < rows) {
+        const uint8_t* w = base + r * row_bytes + u * T::BYTES;
+        _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH), _MM_HINT_T0);
+        T::values(w, q);
+      } else {  // past the matrix's last row: zeros, whose outputs are not stored
+        for (int j = 0; j < 8; ++j) q[j] = _mm256_setzero_si256();
+      }
+      for (int c = 0; c < 4; ++c) {
+        p.q[(b0 / 2 + c) * 16 + r] =
+            _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * c]), q[2 * c + 1], 1);
+      }
     }
-    transpose16(v);
-    for (int i = 0; i < 2; ++i) {
-      int64_t b = b0 + j + i;
-      p.scale[2 * b] = _mm512_load_ps(sc0[j + i]);
-      p.scale[2 * b + 1] = _mm512_load_ps(sc1[j + i]);
-      p.min[b] = _mm512_load_ps(mn[j + i]);
+    for (int c = 0; c < 4; ++c) transpose16(p.q.data() + (b0 / 2 + c) * 16);
+    __m512 sc[16], mn[8];
+    T::scales(base + u * T::BYTES, row_bytes, rows, sc, mn);
+    for (int j = 0; j < 8; ++j) {
+      int64_t b = b0 + j;
+      if constexpr (T::HALVES == 2) {
+        p.scale[2 * b] = sc[2 * j];
+        p.scale[2 * b + 1] = sc[2 * j + 1];
+      } else {
+        p.scale[2 * b] = p.scale[2 * b + 1] = sc[j];
+      }
+      p.min[b] = T::MIN ? mn[j] : _mm512_setzero_ps();
     }
   }
 }
