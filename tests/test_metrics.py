@@ -7,6 +7,8 @@ from pathlib import Path
 import httpx
 from live_server import LiveServer
 
+from accordion.loader.bundled import resolve_model_path
+
 
 def test_metrics_count_requests_tokens_and_kv(server: LiveServer) -> None:
     body = {
@@ -30,6 +32,13 @@ def test_metrics_count_requests_tokens_and_kv(server: LiveServer) -> None:
         if line.startswith('accordion_kv_allocated_tokens{model="smollm2:latest"}')
     ]
     assert allocated and float(allocated[0].split()[-1]) > 0
+    weights = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith('accordion_weights_bytes{model="smollm2:latest"}')
+    ]
+    size = resolve_model_path("smollm2").stat().st_size
+    assert weights and 0.9 * size < weights[0] <= size  # the file's tensors, held once
     assert "accordion_queue_depth" in text and "accordion_preemptions_total" in text
     log = Path(server.log).read_text()
     assert f"request_id={rid} model=smollm2:latest" in log  # the request's log line carries its id

@@ -36,13 +36,20 @@ class _KVCollector(Collector):
             "accordion_running_requests", "Sequences running", labels=["model"]
         )
         waiting = GaugeMetricFamily("accordion_queue_depth", "Sequences waiting", labels=["model"])
+        weights = GaugeMetricFamily(
+            "accordion_weights_bytes",
+            "Bytes the model's weights occupy: the GGUF file's tensors, mapped as they are",
+            labels=["model"],
+        )
         for entry in list(self.manager.loaded.values()):
+            weights.add_metric([entry.name], entry.weight_bytes)
             stats = entry.engine.kv_stats()
             for key, family in families.items():
                 family.add_metric([entry.name], stats[key])
             running.add_metric([entry.name], stats["running"])
             waiting.add_metric([entry.name], stats["waiting"])
         yield from families.values()
+        yield weights
         yield running
         yield waiting
 

@@ -65,7 +65,7 @@ inline void quantize(const float* x, int64_t rows, int64_t k, Act& a) {
   a.scale.assign(rows * padded, 0.f);
   a.sum16.assign(rows * padded * 2, 0);
   a.scaled_sum.assign(rows * padded, 0.f);
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  auto rows_from = [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t b = 0; b < a.blocks; ++b) {
         const float* xb = x + r * k + b * 32;
@@ -92,7 +92,13 @@ inline void quantize(const float* x, int64_t rows, int64_t k, Act& a) {
         a.scaled_sum[i] = d * static_cast<float>(total);
       }
     }
-  });
+  };
+  // a decode step's few rows: a fork and join would cost more than the work
+  if (rows <= 4) {
+    rows_from(0, rows);
+  } else {
+    at::parallel_for(0, rows, 1, rows_from);
+  }
 }
 
 // The arithmetic of every quantized output element, whichever code computes it:

@@ -219,76 +219,119 @@ void for_tiles(int64_t m, int64_t n, Fn fn) {
   });
 }
 
+// Output columns 16g..16g+15 of one matrix for all m activation rows.
 template <class T>
-void run_quantized(const Tensor& w, const Act& a, int64_t m, float* out, int64_t ldy) {
-  const uint8_t* base = w.data_ptr<uint8_t>();
-  int64_t n = w.size(0), row_bytes = w.size(1) * w.size(2);
-  at::parallel_for(0, (n + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+void run_group(const uint8_t* base, int64_t n, int64_t row_bytes, const Act& a, int64_t m,
+               float* out, int64_t ldy, int64_t g, Panel& panel) {
+  int64_t n0 = 16 * g;
+  const uint8_t* rows = base + n0 * row_bytes;
+  int cols = static_cast<int>(std::min<int64_t>(16, n - n0));
+  if (m <= MR) {
+    panel.resize(unit_blocks(T::SUBS) / 2);
+    switch (m) {
+      case 8:
+        stream_rows<T, 8>(rows, row_bytes, cols, a, panel, out + n0, ldy);
+        break;
+      case 7:
+        stream_rows<T, 7>(rows, row_bytes, cols, a, panel, out + n0, ldy);
+        break;
+      case 6:
+        stream_rows<T, 6>(rows, row_bytes, cols, a, panel, out + n0, ldy);
+        break;
+      case 5:
+        stream_rows<T, 5>(rows, row_bytes, cols, a, panel, out + n0, ldy);
+        break;
+      case 4:
+        stream_rows<T, 4>(rows, row_bytes, cols, a, panel, out + n0, ldy);
+        break;
+      case 3:
+        stream_rows<T, 3>(rows, row_bytes, cols, a, panel, out + n0, ldy);
+        break;
+      case 2:
+        stream_rows<T, 2>(rows, row_bytes, cols, a, panel, out + n0, ldy);
+        break;
+      default:
+        stream_rows<T, 1>(rows, row_bytes, cols, a, panel, out + n0, ldy);
+    }
+    return;
+  }
+  panel.resize(a.pairs);
+  for (int64_t b0 = 0; b0 < a.blocks; b0 += unit_blocks(T::SUBS)) {
+    decode_unit<T>(rows, row_bytes, cols, b0 / T::SUBS, a.blocks, panel, b0);
+  }
+  for (int64_t r0 = 0; r0 < m; r0 += MR) {
+    float* y = out + r0 * ldy + n0;
+    switch (std::min(MR, m - r0)) {
+      case 8:
+        panel_rows<T, 8>(panel, a, r0, y, ldy, cols);
+        break;
+      case 7:
+        panel_rows<T, 7>(panel, a, r0, y, ldy, cols);
+        break;
+      case 6:
+        panel_rows<T, 6>(panel, a, r0, y, ldy, cols);
+        break;
+      case 5:
+        panel_rows<T, 5>(panel, a, r0, y, ldy, cols);
+        break;
+      case 4:
+        panel_rows<T, 4>(panel, a, r0, y, ldy, cols);
+        break;
+      case 3:
+        panel_rows<T, 3>(panel, a, r0, y, ldy, cols);
+        break;
+      case 2:
+        panel_rows<T, 2>(panel, a, r0, y, ldy, cols);
+        break;
+      default:
+        panel_rows<T, 1>(panel, a, r0, y, ldy, cols);
+    }
+  }
+}
+
+using GroupFn = void (*)(const uint8_t*, int64_t, int64_t, const Act&, int64_t, float*, int64_t,
+                         int64_t, Panel&);
+
+GroupFn group_fn(int64_t block_bytes) {
+  switch (block_bytes) {
+    case Q4_0::BYTES:
+      return run_group<Q4_0>;
+    case Q4_1::BYTES:
+      return run_group<Q4_1>;
+    case Q5_0::BYTES:
+      return run_group<Q5_0>;
+    case Q5_1::BYTES:
+      return run_group<Q5_1>;
+    case Q8_0::BYTES:
+      return run_group<Q8_0>;
+    case Q4_K::BYTES:
+      return run_group<Q4_K>;
+    case Q5_K::BYTES:
+      return run_group<Q5_K>;
+    default:
+      return run_group<Q6_K>;
+  }
+}
+
+// Quantized matrices side by side (Q, K and V; gate and up): their groups of 16
+// output columns in one parallel loop, one fork and join for all.
+struct Part {
+  const Tensor* w;
+  int64_t col;  // its first output column
+};
+
+void run_quantized(const std::vector<Part>& parts, const Act& a, int64_t m, float* out,
+                   int64_t ldy) {
+  std::vector<int64_t> first{0};  // part i owns groups [first[i], first[i + 1])
+  for (const Part& p : parts) first.push_back(first.back() + (p.w->size(0) + 15) / 16);
+  at::parallel_for(0, first.back(), 1, [&](int64_t begin, int64_t end) {
     Panel panel;
-    panel.resize(m <= MR ? unit_blocks(T::SUBS) / 2 : a.pairs);
+    size_t i = 0;
     for (int64_t g = begin; g < end; ++g) {
-      int64_t n0 = 16 * g;
-      const uint8_t* rows = base + n0 * row_bytes;
-      int cols = static_cast<int>(std::min<int64_t>(16, n - n0));
-      if (m <= MR) {
-        switch (m) {
-          case 8:
-            stream_rows<T, 8>(rows, row_bytes, cols, a, panel, out + n0, ldy);
-            break;
-          case 7:
-            stream_rows<T, 7>(rows, row_bytes, cols, a, panel, out + n0, ldy);
-            break;
-          case 6:
-            stream_rows<T, 6>(rows, row_bytes, cols, a, panel, out + n0, ldy);
-            break;
-          case 5:
-            stream_rows<T, 5>(rows, row_bytes, cols, a, panel, out + n0, ldy);
-            break;
-          case 4:
-            stream_rows<T, 4>(rows, row_bytes, cols, a, panel, out + n0, ldy);
-            break;
-          case 3:
-            stream_rows<T, 3>(rows, row_bytes, cols, a, panel, out + n0, ldy);
-            break;
-          case 2:
-            stream_rows<T, 2>(rows, row_bytes, cols, a, panel, out + n0, ldy);
-            break;
-          default:
-            stream_rows<T, 1>(rows, row_bytes, cols, a, panel, out + n0, ldy);
-        }
-        continue;
-      }
-      for (int64_t b0 = 0; b0 < a.blocks; b0 += unit_blocks(T::SUBS)) {
-        decode_unit<T>(rows, row_bytes, cols, b0 / T::SUBS, a.blocks, panel, b0);
-      }
-      for (int64_t r0 = 0; r0 < m; r0 += MR) {
-        float* y = out + r0 * ldy + n0;
-        switch (std::min(MR, m - r0)) {
-          case 8:
-            panel_rows<T, 8>(panel, a, r0, y, ldy, cols);
-            break;
-          case 7:
-            panel_rows<T, 7>(panel, a, r0, y, ldy, cols);
-            break;
-          case 6:
-            panel_rows<T, 6>(panel, a, r0, y, ldy, cols);
-            break;
-          case 5:
-            panel_rows<T, 5>(panel, a, r0, y, ldy, cols);
-            break;
-          case 4:
-            panel_rows<T, 4>(panel, a, r0, y, ldy, cols);
-            break;
-          case 3:
-            panel_rows<T, 3>(panel, a, r0, y, ldy, cols);
-            break;
-          case 2:
-            panel_rows<T, 2>(panel, a, r0, y, ldy, cols);
-            break;
-          default:
-            panel_rows<T, 1>(panel, a, r0, y, ldy, cols);
-        }
-      }
+      while (g >= first[i + 1]) ++i;
+      const Tensor& w = *parts[i].w;
+      group_fn(w.size(2))(w.data_ptr<uint8_t>(), w.size(0), w.size(1) * w.size(2), a, m,
+                          out + parts[i].col, ldy, g - first[i], panel);
     }
   });
 }
@@ -321,15 +364,6 @@ void run_float(const Tensor& w, const float* x, int64_t m, int64_t k, float* out
 }
 
 bool use_amx = true;  // tests switch it off to hold AMX to the vector code
-
-template <class T>
-void run_matrix(const Tensor& w, const Act& a, int64_t m, float* out, int64_t ldy) {
-  if (use_amx && amx_matmul(w.data_ptr<uint8_t>(), w.size(0), w.size(1) * w.size(2), T::BYTES, a, m,
-                            out, ldy)) {
-    return;
-  }
-  run_quantized<T>(w, a, m, out, ldy);
-}
 
 // A quantized part is uint8 [rows, blocks, block bytes]; the block size names the type.
 int64_t block_values(int64_t bytes) {
@@ -378,6 +412,9 @@ Tensor qmatmul(const Tensor& x, at::TensorList w, const std::optional<Tensor>& b
     quantize(x.data_ptr<float>(), m, k, act);
   }
   float* y = out.data_ptr<float>();
+  // many rows: AMX tiles where the CPU has them, matrix by matrix; the rest (few
+  // rows, or no AMX) through the vector code, all matrices in one parallel loop
+  std::vector<Part> quantized;
   int64_t col = 0;
   for (const Tensor& part : w) {
     switch (part.scalar_type()) {
@@ -391,30 +428,10 @@ Tensor qmatmul(const Tensor& x, at::TensorList w, const std::optional<Tensor>& b
         run_float<at::BFloat16>(part, x.data_ptr<float>(), m, k, y + col, total);
         break;
       case at::kByte:
-        switch (part.size(2)) {
-          case Q4_0::BYTES:
-            run_matrix<Q4_0>(part, act, m, y + col, total);
-            break;
-          case Q4_1::BYTES:
-            run_matrix<Q4_1>(part, act, m, y + col, total);
-            break;
-          case Q5_0::BYTES:
-            run_matrix<Q5_0>(part, act, m, y + col, total);
-            break;
-          case Q5_1::BYTES:
-            run_matrix<Q5_1>(part, act, m, y + col, total);
-            break;
-          case Q8_0::BYTES:
-            run_matrix<Q8_0>(part, act, m, y + col, total);
-            break;
-          case Q4_K::BYTES:
-            run_matrix<Q4_K>(part, act, m, y + col, total);
-            break;
-          case Q5_K::BYTES:
-            run_matrix<Q5_K>(part, act, m, y + col, total);
-            break;
-          default:
-            run_matrix<Q6_K>(part, act, m, y + col, total);
+        if (!use_amx ||
+            !amx_matmul(part.data_ptr<uint8_t>(), part.size(0), part.size(1) * part.size(2),
+                        part.size(2), act, m, y + col, total)) {
+          quantized.push_back({&part, col});
         }
         break;
       default:
@@ -422,6 +439,7 @@ Tensor qmatmul(const Tensor& x, at::TensorList w, const std::optional<Tensor>& b
     }
     col += part.size(0);
   }
+  if (!quantized.empty()) run_quantized(quantized, act, m, y, total);
   if (bias.has_value()) out.add_(*bias);
   return out;
 }
