@@ -10,8 +10,7 @@ bench_foundation.measure runs in a fresh process per mode: load seconds, RSS aft
 load and after the requests, peak RSS, prefill and decode tokens/s. The process floor
 is the RSS of a fresh interpreter with torch and the server imported and no model.
 For the peer, llama-server (-t 2 -c 4096) answers a 'hello' and a 128-token
-completion: its RSS after
-that and its own prefill/decode timings.
+completion: its RSS after that and its own prefill/decode timings.
 """
 
 from __future__ import annotations
