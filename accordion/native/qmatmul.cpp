@@ -1,18 +1,16 @@
 // y = x @ W.T straight from a GGUF file's blocks: the one weight path of every
 // step, prefill or decode, so a token's numbers never depend on its batch.
 //
-// Quantized weights meet activations quantized per block of 32 to int16 (one
-// float scale per block): a block's products are summed exactly in int32 lanes
-// (VNNI's vpdpwssd, or madd + add, which give the same integers), then scaled
-// and accumulated in float32. Each output element goes through the same
-// instructions in the same order whatever the number of rows, the tile it falls
-// in or the thread that runs it: rows are tiled only so that one decoded weight
-// block serves several. F32, F16 and BF16 weights take float32 activations
-// through FMAs in the same way.
-//
-// Weights are decoded to signed int16 values (the zero point subtracted: q - 8
-// for Q4_0, q - 32 for Q6_K, ...); types with a free minimum (Q4_1, Q5_1, Q4_K,
-// Q5_K) add min * scale_x * sum(x) per block in float.
+// Quantized weights (blocks.h) meet activations quantized per block of 32 to int16
+// and held as two int8 digits (activations.h): a block's products are summed
+// exactly in integers, then folded into the output by one fixed sequence of
+// float32 steps (see "The arithmetic of every quantized output element" there).
+// Here is the vector code: lanes across 16 weight rows, the weights of 16 rows
+// decoded and transposed so that each activation quad is broadcast against all
+// of them. Few activation rows stream each decoded pair of blocks; many reuse a
+// panel decoded once for the whole row. qmatmul_amx.cpp computes the same
+// integers on AMX tiles for many rows. F32, F16 and BF16 weights take float32
+// activations through FMAs, each row's sum in a fixed order too.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
