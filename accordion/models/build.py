@@ -105,15 +105,15 @@ def build_decoder(gf: GGUFFile, cfg: ModelConfig, mode: str = "auto") -> Decoder
     t = _Tensors(gf, mode)
     head_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
     lm_head = Linear([t.matrix(head_name)], mode)
-    embed_rows = t.rows("token_embd.weight")
+    embed: ExactRows | DenseRows
     exact_head = None
-    if mode != "fp32":  # the head's leaders get recomputed in float32 from the file
-        exact_head = embed_rows if cfg.tied_embeddings else t.rows(head_name)
-    embed: ExactRows | DenseRows = embed_rows
     if mode == "fp32":  # float32 rows: the head's copy when it is the same matrix
         dense = lm_head.dense if cfg.tied_embeddings else t.matrix("token_embd.weight")
         assert dense is not None
         embed = DenseRows(dense)
+    else:  # rows from the file; the head's leaders get recomputed in float32 from it
+        embed = t.rows("token_embd.weight")
+        exact_head = embed if cfg.tied_embeddings else t.rows(head_name)
     blocks = [_block(cfg, t, i, mode) for i in range(cfg.n_layers)]
     out_norm = _norm(t, "output_norm.weight")
     if out_norm is None:

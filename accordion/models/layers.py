@@ -20,12 +20,9 @@ class RMSNorm:
         self.weight = weight.float() * n**0.5
         self.n_eps = torch.tensor(n * eps, dtype=torch.float32)
 
-    def __call__(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         r = torch.rsqrt((x * x).sum(-1, keepdim=True) + self.n_eps)
-        if dtype is None or dtype == x.dtype:
-            return x * r * self.weight
-        out = torch.empty(x.shape, dtype=dtype)  # the cast happens in the last multiply
-        return torch.mul(x * r, self.weight, out=out)
+        return x * r * self.weight
 
 
 class Rope:

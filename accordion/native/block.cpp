@@ -31,10 +31,6 @@ Tensor linear(const Tensor& x, const Terms& lin) {
   return qmatmul(x, parts, bias);
 }
 
-// Everything between the matrix products is float32: the products take float32
-// in and give it out.
-constexpr at::ScalarType dtype = at::kFloat;
-
 // RMSNorm as models/layers.py writes it: x * rsqrt(sum(x^2) + n * eps) * w, where
 // w already carries sqrt(n). In place over n floats.
 inline void rms_norm(float* x, const float* w, float n_eps, int64_t n) {
@@ -85,15 +81,13 @@ Tensor block_queries(const Tensor& x, const Tensor& norm_w, double norm_eps, con
   TORCH_CHECK(k_cache.stride(2) == 1 && v_cache.strides() == k_cache.strides(),
               "cache planes: [kv_heads, slots, head_dim], rows contiguous");
   int64_t t = x.size(0), hidden = x.size(1), n_qk = n_heads + n_kv_heads;
-  Tensor normed = at::empty({t, hidden}, x.options().dtype(dtype));
+  // everything between the matrix products is float32, as the products take and give
+  Tensor normed = x.clone();
   std::vector<float> row(std::max(hidden, d)), rot(d);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "block_queries_norm", [&] {
-    for (int64_t r = 0; r < t; ++r) {
-      load(x.data_ptr<float>() + r * hidden, row.data(), hidden);
-      rms_norm(row.data(), norm_w.data_ptr<float>(), norm_eps * hidden, hidden);
-      store(row.data(), normed.data_ptr<scalar_t>() + r * hidden, hidden);
-    }
-  });
+  for (int64_t r = 0; r < t; ++r) {
+    rms_norm(normed.data_ptr<float>() + r * hidden, norm_w.data_ptr<float>(), norm_eps * hidden,
+             hidden);
+  }
   Tensor heads = linear(normed, qkv);  // [T, (heads + 2 kv_heads) * d]
   TORCH_CHECK(heads.is_contiguous() && heads.size(1) == (n_qk + n_kv_heads) * d, "QKV shape");
   Tensor q = at::empty({t, n_heads, d}, x.options().dtype(k_cache.scalar_type()));
@@ -101,28 +95,25 @@ Tensor block_queries(const Tensor& x, const Tensor& norm_w, double norm_eps, con
   const float *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
   const int64_t* slot = slots.data_ptr<int64_t>();
   int64_t hs = k_cache.stride(0), ss = k_cache.stride(1);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "block_queries_heads", [&] {
-    using in_t = scalar_t;
-    const in_t* src = heads.data_ptr<in_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, k_cache.scalar_type(), "block_queries_kv", [&] {
-      scalar_t *qp = q.data_ptr<scalar_t>(), *kc = k_cache.data_ptr<scalar_t>(),
-               *vc = v_cache.data_ptr<scalar_t>();
-      for (int64_t r = 0; r < t; ++r) {
-        TORCH_CHECK(slot[r] >= 0 && slot[r] < k_cache.size(1), "slot out of range");
-        for (int64_t j = 0; j < n_qk + n_kv_heads; ++j) {
-          load(src + (r * (n_qk + n_kv_heads) + j) * d, row.data(), d);
-          if (j >= n_qk) {  // V goes to the cache as it is
-            store(row.data(), vc + (j - n_qk) * hs + slot[r] * ss, d);
-            continue;
-          }
-          if (qk_w != nullptr) rms_norm(row.data(), qk_w + j * d, qk_norm_eps * d, d);
-          rope(row.data(), cs + r * d, sn + r * d, rot.data(), d, interleaved);
-          scalar_t* dst =
-              j < n_heads ? qp + (r * n_heads + j) * d : kc + (j - n_heads) * hs + slot[r] * ss;
-          store(rot.data(), dst, d);
+  const float* src = heads.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, k_cache.scalar_type(), "block_queries_kv", [&] {
+    scalar_t *qp = q.data_ptr<scalar_t>(), *kc = k_cache.data_ptr<scalar_t>(),
+             *vc = v_cache.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < t; ++r) {
+      TORCH_CHECK(slot[r] >= 0 && slot[r] < k_cache.size(1), "slot out of range");
+      for (int64_t j = 0; j < n_qk + n_kv_heads; ++j) {
+        load(src + (r * (n_qk + n_kv_heads) + j) * d, row.data(), d);
+        if (j >= n_qk) {  // V goes to the cache as it is
+          store(row.data(), vc + (j - n_qk) * hs + slot[r] * ss, d);
+          continue;
         }
+        if (qk_w != nullptr) rms_norm(row.data(), qk_w + j * d, qk_norm_eps * d, d);
+        rope(row.data(), cs + r * d, sn + r * d, rot.data(), d, interleaved);
+        scalar_t* dst =
+            j < n_heads ? qp + (r * n_heads + j) * d : kc + (j - n_heads) * hs + slot[r] * ss;
+        store(rot.data(), dst, d);
       }
-    });
+    }
   });
   return q;
 }
@@ -135,50 +126,38 @@ Tensor block_finish(const Tensor& x, const Tensor& attn, const Terms& o,
                     const OptTensor& post_ffn_w, double post_ffn_eps, bool gelu) {
   TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat, "x: contiguous float32");
   int64_t t = x.size(0), hidden = x.size(1);
-  Tensor y = linear(attn.reshape({t, -1}).to(dtype).contiguous(), o);
-  Tensor h = at::empty_like(x);
-  Tensor normed = at::empty({t, hidden}, x.options().dtype(dtype));
+  // everything between the matrix products is float32, as the products take and give
+  Tensor y = linear(attn.reshape({t, -1}).to(at::kFloat).contiguous(), o);
+  Tensor h = at::empty_like(x), normed = at::empty_like(x);
   const float *pa = opt_ptr(post_attn_w), *pf = opt_ptr(post_ffn_w);
-  std::vector<float> row(hidden);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "block_finish_attn", [&] {
-    for (int64_t r = 0; r < t; ++r) {
-      load(y.data_ptr<scalar_t>() + r * hidden, row.data(), hidden);
-      if (pa != nullptr) rms_norm(row.data(), pa, post_attn_eps * hidden, hidden);
-      float* hr = h.data_ptr<float>() + r * hidden;
-      const float* xr = x.data_ptr<float>() + r * hidden;
-      for (int64_t i = 0; i < hidden; ++i) hr[i] = row[i] = xr[i] + row[i];
-      rms_norm(row.data(), ffn_w.data_ptr<float>(), ffn_eps * hidden, hidden);
-      store(row.data(), normed.data_ptr<scalar_t>() + r * hidden, hidden);
-    }
-  });
+  for (int64_t r = 0; r < t; ++r) {
+    float* yr = y.data_ptr<float>() + r * hidden;
+    if (pa != nullptr) rms_norm(yr, pa, post_attn_eps * hidden, hidden);
+    float *hr = h.data_ptr<float>() + r * hidden, *nr = normed.data_ptr<float>() + r * hidden;
+    const float* xr = x.data_ptr<float>() + r * hidden;
+    for (int64_t i = 0; i < hidden; ++i) hr[i] = nr[i] = xr[i] + yr[i];
+    rms_norm(nr, ffn_w.data_ptr<float>(), ffn_eps * hidden, hidden);
+  }
   Tensor gu = linear(normed, gate_up);  // [T, 2 * ffn]
   int64_t n = gu.size(1) / 2;
-  // a contiguous float32 copy of the gate, which the activation overwrites
-  Tensor g = gu.slice(1, 0, n).to(at::kFloat).contiguous();
+  // the gate, contiguous, for the activation to overwrite
+  Tensor g = gu.slice(1, 0, n).contiguous();
   g = gelu ? at::gelu_(g, "tanh") : at::silu_(g);  // ATen's vectorized exp and tanh
-  Tensor mixed = at::empty({t, n}, x.options().dtype(dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "block_finish_mix", [&] {
-    const scalar_t* up = gu.data_ptr<scalar_t>();
-    const float* act = g.data_ptr<float>();
-    scalar_t* m = mixed.data_ptr<scalar_t>();
-    for (int64_t r = 0; r < t; ++r) {
-      for (int64_t i = 0; i < n; ++i) {
-        m[r * n + i] =
-            static_cast<scalar_t>(act[r * n + i] * static_cast<float>(up[r * 2 * n + n + i]));
-      }
-    }
-  });
+  Tensor mixed = at::empty({t, n}, x.options());
+  const float *up = gu.data_ptr<float>(), *act = g.data_ptr<float>();
+  float* m = mixed.data_ptr<float>();
+  for (int64_t r = 0; r < t; ++r) {
+    for (int64_t i = 0; i < n; ++i) m[r * n + i] = act[r * n + i] * up[r * 2 * n + n + i];
+  }
   Tensor dn = linear(mixed, down);
   Tensor out = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "block_finish_mlp", [&] {
-    for (int64_t r = 0; r < t; ++r) {
-      load(dn.data_ptr<scalar_t>() + r * hidden, row.data(), hidden);
-      if (pf != nullptr) rms_norm(row.data(), pf, post_ffn_eps * hidden, hidden);
-      const float* hr = h.data_ptr<float>() + r * hidden;
-      float* outr = out.data_ptr<float>() + r * hidden;
-      for (int64_t i = 0; i < hidden; ++i) outr[i] = hr[i] + row[i];
-    }
-  });
+  for (int64_t r = 0; r < t; ++r) {
+    float* dr = dn.data_ptr<float>() + r * hidden;
+    if (pf != nullptr) rms_norm(dr, pf, post_ffn_eps * hidden, hidden);
+    const float* hr = h.data_ptr<float>() + r * hidden;
+    float* outr = out.data_ptr<float>() + r * hidden;
+    for (int64_t i = 0; i < hidden; ++i) outr[i] = hr[i] + dr[i];
+  }
   return out;
 }
 
