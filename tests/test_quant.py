@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+from tiny_gguf import K_QUANTS, k_quant_blocks
 
 from accordion import native
 from accordion.models.linear import Linear
 from accordion.models.quant import kernel_weights, quantize_activations, reference_matmul
 
 Q = GGMLQuantizationType
-K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
 TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, *K_QUANTS, Q.F16, Q.BF16, Q.F32)
 # |y - ref| <= TOL * max|ref|: the kernel and the float64 reference see the same
 # int16-rounded activations and the same weights; only float32 sums differ (~3e-7).
@@ -26,22 +26,11 @@ needs_native = pytest.mark.skipif(not native.available(), reason="native ops una
 
 def raw_matrix(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     """A random matrix in `qtype`'s bytes, [rows, row bytes]. gguf quantizes the simple
-    types; K-quant blocks get random bytes with small positive super-block scales
-    (gguf's Python has no K-quant quantizer; its decoder is the reference either way)."""
+    types; K-quant blocks are tiny_gguf's random ones (gguf's Python has no K-quant
+    quantizer; its decoder is the reference either way)."""
     rng = np.random.default_rng(seed)
     if qtype in K_QUANTS:
-        block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
-        raw = rng.integers(0, 256, (rows, cols // block_elems, block_bytes), dtype=np.uint8)
-
-        def scales() -> np.ndarray:
-            d = rng.uniform(1e-3, 1e-2, raw.shape[:2]).astype(np.float16)
-            return d.view(np.uint8).reshape(*raw.shape[:2], 2)
-
-        if qtype == Q.Q6_K:
-            raw[..., 208:210] = scales()
-        else:  # d and dmin
-            raw[..., 0:2], raw[..., 2:4] = scales(), scales()
-        return raw.reshape(rows, -1)
+        return k_quant_blocks(rng, rows, cols, qtype)
     w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.05
     if qtype == Q.F32:
         return w.view(np.uint8)

@@ -186,18 +186,17 @@ inline __m256i k_nibbles(const uint8_t* qs, int high) {
   return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
 }
 
-struct Q4_K {
-  static constexpr int HALVES = 1, BLOCK = 256, BYTES = 144, SUBS = 8;
+// Q4_K and Q5_K: 6-bit scales and minimums per sub-block; T gives BYTES and values()
+template <class T>
+struct KWithMin {
+  static constexpr int HALVES = 1, BLOCK = 256, SUBS = 8;
   static constexpr int ZERO = 0;
   static constexpr bool MIN = true;
-  static void values(const uint8_t* sb, __m256i* q) {
-    for (int j = 0; j < 8; ++j) q[j] = k_nibbles(sb + 16 + 32 * (j / 2), j % 2);
-  }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
-    const uint8_t* sb = row + u * BYTES;
+    const uint8_t* sb = row + u * T::BYTES;
     k_scales(sb, b);
     __m256i q[8];
-    values(sb, q);
+    T::values(sb, q);
     for (int j = 0; j < 8; ++j) b[j].q = q[j];
   }
   static void scales(const uint8_t* sb, int64_t row_bytes, int rows, __m512* sc, __m512* mn) {
@@ -205,26 +204,21 @@ struct Q4_K {
   }
 };
 
-struct Q5_K {
-  static constexpr int HALVES = 1, BLOCK = 256, BYTES = 176, SUBS = 8;
-  static constexpr int ZERO = 0;
-  static constexpr bool MIN = true;
+struct Q4_K : KWithMin<Q4_K> {
+  static constexpr int BYTES = 144;
+  static void values(const uint8_t* sb, __m256i* q) {
+    for (int j = 0; j < 8; ++j) q[j] = k_nibbles(sb + 16 + 32 * (j / 2), j % 2);
+  }
+};
+
+struct Q5_K : KWithMin<Q5_K> {
+  static constexpr int BYTES = 176;
   static void values(const uint8_t* sb, __m256i* q) {
     __m256i qh = load256(sb + 16);  // bit j of byte l: the fifth bit of value l of sub-block j
     for (int j = 0; j < 8; ++j) {
       __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, j), _mm256_set1_epi8(0x01));
       q[j] = _mm256_or_si256(k_nibbles(sb + 48 + 32 * (j / 2), j % 2), _mm256_slli_epi16(high, 4));
     }
-  }
-  static void decode(const uint8_t* row, int64_t u, Block* b) {
-    const uint8_t* sb = row + u * BYTES;
-    k_scales(sb, b);
-    __m256i q[8];
-    values(sb, q);
-    for (int j = 0; j < 8; ++j) b[j].q = q[j];
-  }
-  static void scales(const uint8_t* sb, int64_t row_bytes, int rows, __m512* sc, __m512* mn) {
-    k_scales16(sb, row_bytes, rows, sc, mn);
   }
 };
 
@@ -269,5 +263,31 @@ struct Q6_K {
     }
   }
 };
+
+// fn(T{}) for the type whose blocks are `bytes` long (a quantized matrix is held as
+// uint8 [rows, blocks, block bytes], the block size naming its type); false if none
+template <class Fn>
+inline bool with_type(int64_t bytes, Fn fn) {
+  switch (bytes) {
+    case Q4_0::BYTES:
+      return fn(Q4_0{}), true;
+    case Q4_1::BYTES:
+      return fn(Q4_1{}), true;
+    case Q5_0::BYTES:
+      return fn(Q5_0{}), true;
+    case Q5_1::BYTES:
+      return fn(Q5_1{}), true;
+    case Q8_0::BYTES:
+      return fn(Q8_0{}), true;
+    case Q4_K::BYTES:
+      return fn(Q4_K{}), true;
+    case Q5_K::BYTES:
+      return fn(Q5_K{}), true;
+    case Q6_K::BYTES:
+      return fn(Q6_K{}), true;
+    default:
+      return false;
+  }
+}
 
 }  // namespace accordion_native

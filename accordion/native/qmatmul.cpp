@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "activations.h"
@@ -31,6 +32,30 @@ namespace {
 constexpr int64_t MR = 8;  // activation rows per tile: each decoded weight block serves them all
 constexpr int64_t NB = 8;  // float weights: rows per pass over a tile of activation rows
 constexpr int64_t PREFETCH = 256;  // bytes of a weight row fetched ahead of the one decoded
+
+// fn(std::integral_constant<int, R>{}) for R = rows (1..MR): the kernels take their
+// row count as a template argument, so that their accumulators stay in registers
+template <class Fn>
+inline void with_rows(int64_t rows, Fn fn) {
+  switch (rows) {
+    case 8:
+      return fn(std::integral_constant<int, 8>{});
+    case 7:
+      return fn(std::integral_constant<int, 7>{});
+    case 6:
+      return fn(std::integral_constant<int, 6>{});
+    case 5:
+      return fn(std::integral_constant<int, 5>{});
+    case 4:
+      return fn(std::integral_constant<int, 4>{});
+    case 3:
+      return fn(std::integral_constant<int, 3>{});
+    case 2:
+      return fn(std::integral_constant<int, 2>{});
+    default:
+      return fn(std::integral_constant<int, 1>{});
+  }
+}
 
 // 16 weight rows decoded, a pair of blocks at a time: 16 vectors of the rows'
 // value quads (quad j of every row in vector j: 0-7 the first block, 8-15 the
@@ -226,31 +251,9 @@ void run_group(const uint8_t* base, int64_t n, int64_t row_bytes, const Act& a, 
   int cols = static_cast<int>(std::min<int64_t>(16, n - n0));
   if (m <= MR) {
     panel.resize(unit_blocks(T::SUBS) / 2);
-    switch (m) {
-      case 8:
-        stream_rows<T, 8>(rows, row_bytes, cols, a, panel, out + n0, ldy);
-        break;
-      case 7:
-        stream_rows<T, 7>(rows, row_bytes, cols, a, panel, out + n0, ldy);
-        break;
-      case 6:
-        stream_rows<T, 6>(rows, row_bytes, cols, a, panel, out + n0, ldy);
-        break;
-      case 5:
-        stream_rows<T, 5>(rows, row_bytes, cols, a, panel, out + n0, ldy);
-        break;
-      case 4:
-        stream_rows<T, 4>(rows, row_bytes, cols, a, panel, out + n0, ldy);
-        break;
-      case 3:
-        stream_rows<T, 3>(rows, row_bytes, cols, a, panel, out + n0, ldy);
-        break;
-      case 2:
-        stream_rows<T, 2>(rows, row_bytes, cols, a, panel, out + n0, ldy);
-        break;
-      default:
-        stream_rows<T, 1>(rows, row_bytes, cols, a, panel, out + n0, ldy);
-    }
+    with_rows(m, [&](auto r) {
+      stream_rows<T, decltype(r)::value>(rows, row_bytes, cols, a, panel, out + n0, ldy);
+    });
     return;
   }
   panel.resize(a.pairs);
@@ -259,55 +262,8 @@ void run_group(const uint8_t* base, int64_t n, int64_t row_bytes, const Act& a, 
   }
   for (int64_t r0 = 0; r0 < m; r0 += MR) {
     float* y = out + r0 * ldy + n0;
-    switch (std::min(MR, m - r0)) {
-      case 8:
-        panel_rows<T, 8>(panel, a, r0, y, ldy, cols);
-        break;
-      case 7:
-        panel_rows<T, 7>(panel, a, r0, y, ldy, cols);
-        break;
-      case 6:
-        panel_rows<T, 6>(panel, a, r0, y, ldy, cols);
-        break;
-      case 5:
-        panel_rows<T, 5>(panel, a, r0, y, ldy, cols);
-        break;
-      case 4:
-        panel_rows<T, 4>(panel, a, r0, y, ldy, cols);
-        break;
-      case 3:
-        panel_rows<T, 3>(panel, a, r0, y, ldy, cols);
-        break;
-      case 2:
-        panel_rows<T, 2>(panel, a, r0, y, ldy, cols);
-        break;
-      default:
-        panel_rows<T, 1>(panel, a, r0, y, ldy, cols);
-    }
-  }
-}
-
-using GroupFn = void (*)(const uint8_t*, int64_t, int64_t, const Act&, int64_t, float*, int64_t,
-                         int64_t, Panel&);
-
-GroupFn group_fn(int64_t block_bytes) {
-  switch (block_bytes) {
-    case Q4_0::BYTES:
-      return run_group<Q4_0>;
-    case Q4_1::BYTES:
-      return run_group<Q4_1>;
-    case Q5_0::BYTES:
-      return run_group<Q5_0>;
-    case Q5_1::BYTES:
-      return run_group<Q5_1>;
-    case Q8_0::BYTES:
-      return run_group<Q8_0>;
-    case Q4_K::BYTES:
-      return run_group<Q4_K>;
-    case Q5_K::BYTES:
-      return run_group<Q5_K>;
-    default:
-      return run_group<Q6_K>;
+    with_rows(std::min(MR, m - r0),
+              [&](auto r) { panel_rows<T, decltype(r)::value>(panel, a, r0, y, ldy, cols); });
   }
 }
 
@@ -328,8 +284,10 @@ void run_quantized(const std::vector<Part>& parts, const Act& a, int64_t m, floa
     for (int64_t g = begin; g < end; ++g) {
       while (g >= first[i + 1]) ++i;
       const Tensor& w = *parts[i].w;
-      group_fn(w.size(2))(w.data_ptr<uint8_t>(), w.size(0), w.size(1) * w.size(2), a, m,
-                          out + parts[i].col, ldy, g - first[i], panel);
+      with_type(w.size(2), [&](auto type) {
+        run_group<decltype(type)>(w.data_ptr<uint8_t>(), w.size(0), w.size(1) * w.size(2), a, m,
+                                  out + parts[i].col, ldy, g - first[i], panel);
+      });
     }
   });
 }
@@ -340,45 +298,18 @@ void run_float(const Tensor& w, const float* x, int64_t m, int64_t k, float* out
   for_tiles(m, w.size(0), [&](int64_t r0, int64_t rows, int64_t j) {
     const W* row = base + j * k;
     float* y = out + r0 * ldy + j;
-    switch (rows) {
-      case 8:
-        return dot_float<W, 8>(row, x, r0, k, y, ldy);
-      case 7:
-        return dot_float<W, 7>(row, x, r0, k, y, ldy);
-      case 6:
-        return dot_float<W, 6>(row, x, r0, k, y, ldy);
-      case 5:
-        return dot_float<W, 5>(row, x, r0, k, y, ldy);
-      case 4:
-        return dot_float<W, 4>(row, x, r0, k, y, ldy);
-      case 3:
-        return dot_float<W, 3>(row, x, r0, k, y, ldy);
-      case 2:
-        return dot_float<W, 2>(row, x, r0, k, y, ldy);
-      default:
-        return dot_float<W, 1>(row, x, r0, k, y, ldy);
-    }
+    with_rows(rows, [&](auto r) { dot_float<W, decltype(r)::value>(row, x, r0, k, y, ldy); });
   });
 }
 
 bool use_amx = true;  // tests switch it off to hold AMX to the vector code
 
-// A quantized part is uint8 [rows, blocks, block bytes]; the block size names the type.
+// Values per block of a quantized part (see with_type).
 int64_t block_values(int64_t bytes) {
-  switch (bytes) {
-    case Q4_0::BYTES:
-    case Q4_1::BYTES:
-    case Q5_0::BYTES:
-    case Q5_1::BYTES:
-    case Q8_0::BYTES:
-      return 32;
-    case Q4_K::BYTES:
-    case Q5_K::BYTES:
-    case Q6_K::BYTES:
-      return 256;
-    default:
-      TORCH_CHECK(false, "no quantized type has ", bytes, "-byte blocks");
-  }
+  int64_t values = 0;
+  bool known = with_type(bytes, [&](auto type) { values = decltype(type)::BLOCK; });
+  TORCH_CHECK(known, "no quantized type has ", bytes, "-byte blocks");
+  return values;
 }
 
 }  // namespace

@@ -1,5 +1,10 @@
-// Products of many activation rows on AMX tiles, the same integers and the same
-// float steps as the vector code of qmatmul.cpp: bit for bit its results.
+// Products of many activation rows on AMX tiles.
+//
+// On CPUs with AMX-INT8 a tile product computes the 16 x 16 exact block sums of 16
+// weight rows (the u8 tile) against 16 activation rows (the s8 tile, h or l
+// digits); the float steps that follow are activations.h's canonical ones, lanes
+// running across activation rows instead of weight rows (w_scale * x_scale is the
+// same product either way). Results are bit for bit those of qmatmul.cpp's vectors.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -13,13 +18,6 @@
 
 namespace accordion_native {
 
-// -- AMX: many activation rows at once, the same integers and the same float steps --
-//
-// On CPUs with AMX-INT8 a tile product computes the 16 x 16 exact block sums of 16
-// weight rows (the u8 tile) against 16 activation rows (the s8 tile, h or l
-// digits); the float steps that follow are the canonical ones above, lanes running
-// across activation rows instead of weight rows (w_scale * x_scale is the same
-// product either way). Results are bit for bit those of the vector code.
 #ifdef __AMX_INT8__
 namespace {
 constexpr int64_t AMX_MIN_ROWS = 32;  // below this the tiles' fixed costs do not pay
@@ -211,32 +209,8 @@ bool amx_matmul(const uint8_t* w, int64_t n, int64_t row_bytes, int64_t block_by
                 int64_t m, float* out, int64_t ldy) {
 #ifdef __AMX_INT8__
   if (m < AMX_MIN_ROWS || !amx_permitted()) return false;
-  switch (block_bytes) {
-    case Q4_0::BYTES:
-      run_amx<Q4_0>(w, n, row_bytes, a, m, out, ldy);
-      break;
-    case Q4_1::BYTES:
-      run_amx<Q4_1>(w, n, row_bytes, a, m, out, ldy);
-      break;
-    case Q5_0::BYTES:
-      run_amx<Q5_0>(w, n, row_bytes, a, m, out, ldy);
-      break;
-    case Q5_1::BYTES:
-      run_amx<Q5_1>(w, n, row_bytes, a, m, out, ldy);
-      break;
-    case Q8_0::BYTES:
-      run_amx<Q8_0>(w, n, row_bytes, a, m, out, ldy);
-      break;
-    case Q4_K::BYTES:
-      run_amx<Q4_K>(w, n, row_bytes, a, m, out, ldy);
-      break;
-    case Q5_K::BYTES:
-      run_amx<Q5_K>(w, n, row_bytes, a, m, out, ldy);
-      break;
-    default:
-      run_amx<Q6_K>(w, n, row_bytes, a, m, out, ldy);
-  }
-  return true;
+  return with_type(block_bytes,
+                   [&](auto type) { run_amx<decltype(type)>(w, n, row_bytes, a, m, out, ldy); });
 #else
   return false;
 #endif
