@@ -40,7 +40,7 @@ bench: setup
 lint: setup
 	$(BIN)/ruff check accordion tests bench
 	$(BIN)/ruff format --check accordion tests bench
-	$(BIN)/clang-format --dry-run --Werror accordion/native/*.cpp
+	$(BIN)/clang-format --dry-run --Werror accordion/native/*.cpp accordion/native/*.h
 
 clean:
 	rm -rf $(VENV)
