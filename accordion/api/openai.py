@@ -298,11 +298,7 @@ async def chat_completions(body: ChatBody, request: Request) -> Any:
 @router.post("/v1/completions", responses=STREAMED)
 async def completions(body: CompletionBody, request: Request) -> Any:
     check_unsupported(body)
-    prompt = body.prompt
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise InvalidRequestError("prompt must be a string (or a list of exactly one string)")
+    prompt = completion_prompt(body.prompt)
     loaded = await load(request, body.model)
     prepared = await prompts.in_worker(
         prompts.prepare_generate,
@@ -315,6 +311,14 @@ async def completions(body: CompletionBody, request: Request) -> Any:
         request_id.get(),
     )
     return await respond(request, body, loaded, prepared, chat=False)
+
+
+def completion_prompt(value: Any) -> str:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str):
+        raise InvalidRequestError("prompt must be a string (or a list of exactly one string)")
+    return value
 
 
 def embedding_texts(value: Any) -> list[str]:

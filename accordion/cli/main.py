@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from accordion import __version__
-from accordion.cli import repl
+from accordion.cli import batch, repl
 from accordion.cli.client import Client, NoServerError, ServerError, base_url
 from accordion.errors import AccordionError
 
@@ -54,6 +54,9 @@ app = App(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+app.add_typer(batch.app, name="batch")
 
 
 def client() -> Client:

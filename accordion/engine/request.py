@@ -77,6 +77,8 @@ class RequestHandle:
 
     def push(self, event: Event) -> None:
         if self._loop is not None and self._async_events is not None:
+            if self._loop.is_closed():  # its reader's loop has ended: nobody is left to tell
+                return
             self._loop.call_soon_threadsafe(self._async_events.put_nowait, event)
         else:
             self._events.put(event)

@@ -137,6 +137,8 @@ class ModelManager:
         weight_bytes = model.decoder.nbytes()
         self._make_room(weight_bytes)
         budget = max(self.memory_budget - self.committed_bytes() - weight_bytes, 1 << 24)
+        if self.engine_config.kv_budget_bytes:  # an explicit KV budget caps what memory allows
+            budget = min(budget, self.engine_config.kv_budget_bytes)
         config = EngineConfig(**{**self.engine_config.__dict__, "kv_budget_bytes": budget})
         engine = Engine(model, config)
         ka = self.default_keep_alive if keep_alive is None else keep_alive

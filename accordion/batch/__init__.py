@@ -1,0 +1,231 @@
+"""Batch jobs: a JSONL file of requests through one model, exactly once across crashes.
+
+    from accordion import batch
+    progress = batch.run("in.jsonl", "out.jsonl", model="smollm2", system="You are ...")
+    batch.resume(job_dir)            # after a crash, Ctrl-C or `batch cancel`
+    batch.status(job_dir)            # counts and state, from the job store alone
+
+Embedded (no endpoint), the server's own app runs in this process: the engine on
+the calling thread (the main thread, where torch is fastest), the job's loop on a
+second one talking to the app through ASGI. With an endpoint, the job's loop runs
+here and the requests go over HTTP. Ctrl-C stops cleanly: in-flight requests are
+not recorded and resume redoes them; a second Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from accordion.batch.job import (
+    Job,
+    RefusedError,
+    Scan,
+    Settings,
+    batches_root,
+    default_dir,
+    errors_path,
+)
+from accordion.batch.lines import Defaults
+from accordion.batch.runner import Progress, Runner
+from accordion.batch.target import Target
+
+__all__ = ["Progress", "RefusedError", "cancel", "jobs", "resume", "run", "status"]
+RUN_OPTIONS = ("endpoint", "api", "max_inflight", "kv_budget", "retries")
+
+
+def run(
+    input: str | Path,
+    out: str | Path,
+    *,
+    model: str | None = None,
+    errors: str | Path | None = None,
+    job_dir: str | Path | None = None,
+    system: str | None = None,
+    sampling: dict[str, Any] | None = None,
+    truncate: bool = False,
+    mode: str = "independent",
+    on_bad_line: str = "fail",
+    on_progress: Callable[[Progress], None] | None = None,
+    **how: Any,
+) -> Progress:
+    """Run (or, for the same input and output, resume) a job; returns its final progress.
+
+    `how` takes the run options: endpoint, api, max_inflight, kv_budget, retries."""
+    if mode != "independent":
+        raise ValueError(f"mode {mode!r} is not built yet: use independent")
+    if on_bad_line not in ("fail", "skip"):
+        raise ValueError(f"on_bad_line must be fail or skip, got {on_bad_line!r}")
+    unknown = sorted(set(how) - set(RUN_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown options {unknown}")
+    input_path, out_path = Path(input).resolve(), Path(out).resolve()
+    if not input_path.is_file():
+        raise FileNotFoundError(f"no input file {input}")
+    settings = Settings(
+        str(input_path),
+        str(out_path),
+        str(Path(errors).resolve() if errors else errors_path(out_path)),
+        Defaults(model, system, dict(sampling or {}), truncate),
+        mode,
+        on_bad_line,
+        **how,
+    )
+    directory = Path(job_dir) if job_dir else default_dir(input_path, out_path)
+    return execute(directory, settings, on_progress)
+
+
+def resume(
+    job_dir: str | Path, on_progress: Callable[[Progress], None] | None = None, **how: Any
+) -> Progress:
+    """Continue a job from its directory; `how` may change how it runs (see run)."""
+    job = _existing(Path(job_dir))
+    settings = job.settings
+    job.close()
+    assert settings is not None
+    unknown = sorted(set(how) - set(RUN_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown options {unknown}")
+    changes = {k: v for k, v in how.items() if v is not None}
+    return execute(Path(job_dir), replace(settings, **changes), on_progress)
+
+
+def execute(
+    directory: Path, settings: Settings, on_progress: Callable[[Progress], None] | None
+) -> Progress:
+    job = Job(directory)
+    try:
+        job.lock()
+        scan = job.prepare(settings)
+        if settings.endpoint:
+            target = Target.endpoint(settings.endpoint, settings.api, settings.retries)
+            runner = Runner(job, settings, scan, target, on_progress)
+            with _stop_on_interrupt(runner):
+                return asyncio.run(runner.run())
+        return _embedded(job, settings, scan, on_progress)
+    finally:
+        job.close()
+
+
+def _embedded(
+    job: Job, settings: Settings, scan: Scan, on_progress: Callable[[Progress], None] | None
+) -> Progress:
+    from accordion.api.app import create_app
+    from accordion.api.security import Policy
+    from accordion.engine.engine import EngineConfig
+    from accordion.server.manager import ModelManager
+    from accordion.server.store import ModelStore, allowed_paths, default_root
+
+    root = default_root()
+    store = ModelStore(root, allowed_paths(root))
+    manager = ModelManager(store, engine_config=EngineConfig(kv_budget_bytes=settings.kv_budget))
+    runner = Runner(job, settings, scan, Target.embedded(create_app(manager, store, Policy())))
+    runner.on_progress = on_progress or runner.on_progress
+    outcome: dict[str, Any] = {}
+
+    def loop() -> None:
+        try:
+            outcome["progress"] = asyncio.run(runner.run())
+        except BaseException as e:  # handed to the caller's thread below
+            outcome["error"] = e
+        finally:
+            manager.stop()
+
+    thread = threading.Thread(target=loop, name="accordion-batch", daemon=True)
+    with _stop_on_interrupt(runner):
+        thread.start()
+        try:
+            manager.drive()  # until the job's loop ends and stops it
+        finally:
+            thread.join()
+            for entry in list(manager.loaded.values()):
+                entry.engine.stop()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["progress"]
+
+
+class _stop_on_interrupt:
+    """The first Ctrl-C asks the runner to stop; a second one interrupts at once."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.previous: Any = None
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(*_: object) -> None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.runner.request_stop()
+
+        self.previous = signal.signal(signal.SIGINT, handler)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+# -- looking at jobs --------------------------------------------------------------------
+def status(job_dir: str | Path) -> dict[str, Any]:
+    """A job's state and counts, read from its store (safe while it runs)."""
+    job = _existing(Path(job_dir))
+    try:
+        settings, scan, counts = job.settings, job.store.get("scan"), job.store.counts()
+        assert settings is not None
+        state, pid = job.store.get("state"), job.running_pid()
+        if state == "running" and pid is None:
+            state = "interrupted"  # its process died without saying so
+        return {
+            "job_dir": str(job.dir),
+            "state": state,
+            "pid": pid,
+            "input": settings.input,
+            "out": settings.out,
+            "errors": settings.errors,
+            "model": (job.store.get("model") or {}).get("name") or scan["model"],
+            "total": scan["requests"],
+            "done": counts.done,
+            "ok": counts.ok,
+            "failed": counts.failed,
+            "pending": scan["requests"] - counts.done,
+            "prompt_tokens": counts.prompt_tokens,
+            "cached_tokens": counts.cached_tokens,
+            "completion_tokens": counts.completion_tokens,
+        }
+    finally:
+        job.close()
+
+
+def jobs(root: Path | None = None) -> list[dict[str, Any]]:
+    """The status of every job under the default jobs folder (or `root`)."""
+    root = root or batches_root()
+    found = sorted(p.parent for p in root.glob("*/job.db")) if root.is_dir() else []
+    return [status(d) for d in found]
+
+
+def cancel(job_dir: str | Path) -> bool:
+    """Ask a running job to stop (it commits what is done); True if one was running."""
+    job = _existing(Path(job_dir))
+    try:
+        running = job.running_pid() is not None
+        job.store.put(state="cancelling" if running else "cancelled")
+        return running
+    finally:
+        job.close()
+
+
+def _existing(directory: Path) -> Job:
+    if not (directory / "job.db").is_file():
+        raise RefusedError(f"no batch job at {directory}")
+    job = Job(directory)
+    if job.settings is None:
+        job.close()
+        raise RefusedError(f"the job at {directory} never started (its input had bad lines)")
+    return job
