@@ -11,10 +11,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "activations.h"
 
 using at::Tensor;
 
@@ -95,25 +98,16 @@ inline f16v reduce16(f16v* v) {
 constexpr int64_t MAX_GROUP = 16;
 constexpr int64_t PART = 256;  // keys per task: a long context spreads over the threads
 
-// Calls fn(slot, l) for the keys l in [lo, hi) of a sequence whose keys are the slot
-// ranges spans[0:n_spans] in order. Rows of `row_bytes` at `rows` are prefetched a
-// little ahead, across the jumps between runs that a hardware prefetcher cannot see.
-template <typename F>
-inline void for_keys(const int64_t* spans, int64_t n_spans, int64_t lo, int64_t hi,
-                     const char* rows, int64_t row_bytes, F fn) {
-  constexpr int64_t AHEAD = 8;
+// The cache slots of the keys l in [lo, hi) of a sequence whose keys are the slot
+// ranges spans[0:n_spans] in order: slots[l - lo]. The kernels below prefetch rows
+// by these, across the jumps between runs that a hardware prefetcher cannot see.
+inline void key_slots(const int64_t* spans, int64_t n_spans, int64_t lo, int64_t hi,
+                      int64_t* slots) {
   int64_t base = 0;
   for (int64_t i = 0; i < n_spans && base < hi; ++i) {
     int64_t a = spans[2 * i], n = spans[2 * i + 1] - a;
-    if (i + 1 < n_spans) {  // the next run's first rows
-      for (int64_t r = 0; r < AHEAD; ++r)
-        __builtin_prefetch(rows + (spans[2 * i + 2] + r) * row_bytes);
-    }
-    for (int64_t l = std::max(lo, base); l < std::min(hi, base + n); ++l) {
-      int64_t slot = a + l - base;
-      if (slot + AHEAD < a + n) __builtin_prefetch(rows + (slot + AHEAD) * row_bytes);
-      fn(slot, l - lo);
-    }
+    for (int64_t l = std::max(lo, base); l < std::min(hi, base + n); ++l)
+      slots[l - lo] = a + l - base;
     base += n;
   }
 }
@@ -123,37 +117,43 @@ inline void for_keys(const int64_t* spans, int64_t n_spans, int64_t lo, int64_t 
 // [lo, his[j]), his[j] <= lo + PART. For each of its `group` query heads (sharing
 // one kv head; K and V rows [slots, d], contiguous) it writes to outs[j] the part's
 // maximum score, the sum of exp(score - maximum) and the unnormalized output:
-// {max, sum, out[0:d]} per head. Every number a member gets is computed by the
-// same operations, in the same order, as if it were alone: its scores are dot
-// products reduced lane by lane (reduce16 sums each vector on its own), its
-// softmax and weighted sum run over its own keys only.
+// {max, sum, out[0:d]} per head.
+//
+// Every number a member gets is computed by the same operations, in the same order,
+// as if it were alone. A score is the scaled query times the key, lane i of 16
+// accumulating dims i, 16 + i, ... (a product, then fmas), the 16 lanes then summed
+// by one fixed tree (reduce16's). Few (member, head) pairs take each key's 16 lane
+// sums and reduce 16 keys at once (scores_by_keys); many take a tile of 16 keys
+// transposed once for all of them, so lanes run across keys and the same tree is
+// plain vector adds (scores_by_tiles): the same bits either way. The output is
+// sum over its own keys, in order, of fma(p, v, acc).
 constexpr int64_t MAX_Q = 8;
+constexpr int64_t TILED_PAIRS = 8;  // pairs from which a transposed tile pays for itself
+constexpr int64_t PB = 8;           // pairs per pass over a tile's 16 lane vectors
 
 struct Scratch {
   std::vector<float> scores;
-  std::vector<f16v> qv, dots, acc;
+  std::vector<int64_t> slots;
+  std::vector<f16v> qv, dots, acc, rows;
 };
 
-template <typename T, int C>  // C = d / 16
-void attend_part(const T* const* qs, int64_t nq, const T* k, const T* v, const int64_t* spans,
-                 int64_t n_spans, int64_t lo, const int64_t* his, int64_t group, float scale,
-                 float* const* outs, Scratch& s) {
-  constexpr int64_t d = C * W;
-  int64_t hi = *std::max_element(his, his + nq), n = hi - lo, stride = (n + W - 1) / W * W;
-  int64_t pairs = nq * group;  // (member, head)
-  s.scores.resize(pairs * stride);
-  s.qv.resize(pairs * C);
-  s.dots.resize(pairs * W);
-  s.acc.assign(pairs * C, f16v{});
+inline f16v fma(f16v a, f16v b, f16v c) {
+  return reinterpret_cast<f16v>(_mm512_fmadd_ps(
+      reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(c)));
+}
+
+inline f16v splat(float x) { return reinterpret_cast<f16v>(_mm512_set1_ps(x)); }
+
+template <typename T, int C>
+void load_row(const T* row, f16v* out) {
+  for (int c = 0; c < C; ++c) out[c] = load(row + c * W);
+}
+
+template <typename T, int C>
+void scores_by_keys(const T* k, int64_t n, int64_t pairs, int64_t stride, Scratch& s) {
   f16v row[C];
-  for (int64_t j = 0; j < nq; ++j) {
-    for (int64_t h = 0; h < group; ++h) {
-      for (int c = 0; c < C; ++c)
-        s.qv[(j * group + h) * C + c] = load(qs[j] + h * d + c * W) * scale;
-    }
-  }
   int fill = 0;
-  auto flush = [&](int64_t end) {  // scores of keys [end - fill, end) from their dots
+  auto flush = [&](int64_t end) {  // scores of keys [end - fill, end) from their lane sums
     for (int64_t p = 0; p < pairs; ++p) {
       f16v* dots = s.dots.data() + p * W;
       for (int f = fill; f < W; ++f) dots[f] = f16v{};
@@ -162,23 +162,161 @@ void attend_part(const T* const* qs, int64_t nq, const T* k, const T* v, const i
     }
     fill = 0;
   };
-  auto bytes = static_cast<int64_t>(d * sizeof(T));
-  for_keys(spans, n_spans, lo, hi, reinterpret_cast<const char*>(k), bytes,
-           [&](int64_t slot, int64_t l) {
-             for (int c = 0; c < C; ++c) row[c] = load(k + slot * d + c * W);
-             for (int64_t p = 0; p < pairs; ++p) {
-               const f16v* qv = s.qv.data() + p * C;
-               f16v dot = qv[0] * row[0];
-               for (int c = 1; c < C; ++c) dot += qv[c] * row[c];
-               s.dots[p * W + fill] = dot;
-             }
-             if (++fill == W) flush(l + 1);
-           });
+  for (int64_t l = 0; l < n; ++l) {
+    if (l + 8 < n) __builtin_prefetch(k + s.slots[l + 8] * C * W);
+    load_row<T, C>(k + s.slots[l] * C * W, row);
+    for (int64_t p = 0; p < pairs; ++p) {
+      const f16v* qv = s.qv.data() + p * C;
+      f16v dot = qv[0] * row[0];
+      for (int c = 1; c < C; ++c) dot = fma(qv[c], row[c], dot);
+      s.dots[p * W + fill] = dot;
+    }
+    if (++fill == W) flush(l + 1);
+  }
   if (fill > 0) flush(n);
+}
+
+// reduce16's tree for one key per lane: lane sums x_m = P_m + P_(m+8), then m + 4, + 2, + 1
+inline f16v tree16(const f16v* P) {
+  f16v x[8], y[4];
+  for (int m = 0; m < 8; ++m) x[m] = P[m] + P[m + 8];
+  for (int m = 0; m < 4; ++m) y[m] = x[m] + x[m + 4];
+  return (y[0] + y[2]) + (y[1] + y[3]);
+}
+
+template <typename T, int C>
+void scores_by_tiles(const T* k, int64_t n, int64_t pairs, int64_t stride, Scratch& s) {
+  constexpr int64_t d = C * W;
+  alignas(64) f16v kt[C * W];  // kt[c * 16 + i] lane j: dim c * 16 + i of the tile's key j
+  alignas(64) f16v lanes[PB][W];
+  for (int64_t t = 0; t * W < n; ++t) {
+    int64_t keys = std::min<int64_t>(W, n - t * W);
+    for (int c = 0; c < C; ++c) {
+      __m512i block[W];
+      for (int64_t j = 0; j < W; ++j) {
+        f16v v = j < keys ? load(k + s.slots[t * W + j] * d + c * W) : f16v{};
+        block[j] = reinterpret_cast<__m512i>(v);
+      }
+      accordion_native::transpose16(block);
+      for (int i = 0; i < W; ++i) kt[c * W + i] = reinterpret_cast<f16v>(block[i]);
+    }
+    if ((t + 1) * W < n) {
+      for (int64_t j = (t + 1) * W; j < std::min(n, (t + 2) * W); ++j)
+        __builtin_prefetch(k + s.slots[j] * d);
+    }
+    for (int64_t p0 = 0; p0 < pairs; p0 += PB) {
+      int64_t nb = std::min(PB, pairs - p0);
+      for (int i = 0; i < W; ++i) {
+        f16v kr[C];
+        for (int c = 0; c < C; ++c) kr[c] = kt[c * W + i];
+#pragma GCC unroll 8
+        for (int64_t b = 0; b < nb; ++b) {
+          const float* q = reinterpret_cast<const float*>(s.qv.data() + (p0 + b) * C);
+          f16v lane = splat(q[i]) * kr[0];
+          for (int c = 1; c < C; ++c) lane = fma(splat(q[c * W + i]), kr[c], lane);
+          lanes[b][i] = lane;
+        }
+      }
+      for (int64_t b = 0; b < nb; ++b) {
+        f16v r = tree16(lanes[b]);
+        std::memcpy(s.scores.data() + (p0 + b) * stride + t * W, &r, sizeof r);
+      }
+    }
+  }
+}
+
+// acc[p] = fma(p(l), v(l), acc[p]) over each pair's own keys l in order, 16 keys' rows
+// (as float) at a time. NP pairs share each row's loads and give the fma units eight
+// independent sums to overlap.
+template <int C, int NP>
+inline void weigh_rows(const f16v* rows, int64_t a, int64_t b, const float* const* pr,
+                       f16v* const* acc) {
+  f16v sums[NP][C];
+  for (int j = 0; j < NP; ++j)
+    for (int c = 0; c < C; ++c) sums[j][c] = acc[j][c];
+  for (int64_t l = a; l < b; ++l) {
+    const f16v* row = rows + (l - a) * C;  // rows holds keys from a on
+    for (int j = 0; j < NP; ++j) {
+      f16v w = splat(pr[j][l]);
+      for (int c = 0; c < C; ++c) sums[j][c] = fma(w, row[c], sums[j][c]);
+    }
+  }
+  for (int j = 0; j < NP; ++j)
+    for (int c = 0; c < C; ++c) acc[j][c] = sums[j][c];
+}
+
+template <typename T, int C>
+void weigh_values(const T* v, int64_t n, int64_t pairs, int64_t stride, const int64_t* ends,
+                  Scratch& s) {
+  constexpr int64_t d = C * W;
+  constexpr int NP = C >= 8 ? 1 : 8 / C;
+  s.rows.resize(W * C);
+  for (int64_t a = 0; a < n; a += W) {
+    int64_t b = std::min(n, a + W);
+    for (int64_t l = a; l < b; ++l) load_row<T, C>(v + s.slots[l] * d, s.rows.data() + (l - a) * C);
+    const f16v* rows = s.rows.data();
+    int64_t p = 0;
+    for (; p + NP <= pairs; p += NP) {  // together up to the nearest end, then one by one
+      const float* pr[NP];
+      f16v* acc[NP];
+      int64_t common = b;
+      for (int j = 0; j < NP; ++j) {
+        pr[j] = s.scores.data() + (p + j) * stride;
+        acc[j] = s.acc.data() + (p + j) * C;
+        common = std::min(common, ends[p + j]);
+      }
+      if (common > a) weigh_rows<C, NP>(rows, a, common, pr, acc);
+      for (int j = 0; j < NP; ++j) {
+        int64_t end = std::min(b, ends[p + j]), from = std::max(a, common);
+        if (end > from) weigh_rows<C, 1>(rows + (from - a) * C, from, end, pr + j, acc + j);
+      }
+    }
+    for (; p < pairs; ++p) {
+      const float* pr = s.scores.data() + p * stride;
+      f16v* acc = s.acc.data() + p * C;
+      int64_t end = std::min(b, ends[p]);
+      if (end > a) weigh_rows<C, 1>(rows, a, end, &pr, &acc);
+    }
+  }
+}
+
+template <typename T, int C>  // C = d / 16
+void attend_part(const T* const* qs, int64_t nq, const T* k, const T* v, const int64_t* spans,
+                 int64_t n_spans, int64_t lo, const int64_t* his, int64_t group, float scale,
+                 float* const* outs, Scratch& s) {
+  constexpr int64_t d = C * W;
+  int64_t hi = *std::max_element(his, his + nq), n = hi - lo, stride = (n + W - 1) / W * W;
+  int64_t pairs = nq * group;  // (member, head)
+  s.scores.assign(pairs * stride, 0.f);
+  s.qv.resize(pairs * C);
+  s.dots.resize(pairs * W);
+  s.acc.assign(pairs * C, f16v{});
+  s.slots.resize(n);
+  key_slots(spans, n_spans, lo, hi, s.slots.data());
+  int64_t ends[MAX_Q * MAX_GROUP];
+  for (int64_t j = 0; j < nq; ++j) {
+    for (int64_t h = 0; h < group; ++h) {
+      ends[j * group + h] = his[j] - lo;
+      for (int c = 0; c < C; ++c)
+        s.qv[(j * group + h) * C + c] = load(qs[j] + h * d + c * W) * scale;
+    }
+  }
+  if (pairs >= TILED_PAIRS) {
+    scores_by_tiles<T, C>(k, n, pairs, stride, s);
+  } else {
+    scores_by_keys<T, C>(k, n, pairs, stride, s);
+  }
   for (int64_t p = 0; p < pairs; ++p) {  // softmax numerators; padding lanes count 0
-    int64_t nj = his[p / group] - lo, sj_stride = (nj + W - 1) / W * W;
+    int64_t nj = ends[p], sj_stride = (nj + W - 1) / W * W;
     float* sj = s.scores.data() + p * stride;
-    float top = *std::max_element(sj, sj + nj);
+    f16v most = splat(-INFINITY);  // the maximum, 16 at a time (a scalar max waits on each)
+    for (int64_t m = 0; m < nj; m += W) {
+      f16v x = load(sj + m);
+      for (int64_t z = nj - m; z < W; ++z) x[z] = -INFINITY;
+      most = most > x ? most : x;
+    }
+    float top = most[0];
+    for (int z = 1; z < W; ++z) top = std::max(top, most[z]);
     f16v run = {};
     for (int64_t m = 0; m < sj_stride; m += W) {
       f16v e = exp_nonpositive(load(sj + m) - top);
@@ -190,16 +328,7 @@ void attend_part(const T* const* qs, int64_t nq, const T* k, const T* v, const i
     out[0] = top;
     out[1] = sum(run);
   }
-  for_keys(spans, n_spans, lo, hi, reinterpret_cast<const char*>(v), bytes,
-           [&](int64_t slot, int64_t l) {
-             for (int c = 0; c < C; ++c) row[c] = load(v + slot * d + c * W);
-             for (int64_t p = 0; p < pairs; ++p) {
-               if (lo + l >= his[p / group]) continue;  // past this member's keys
-               float pr = s.scores[p * stride + l];
-               f16v* acc = s.acc.data() + p * C;
-               for (int c = 0; c < C; ++c) acc[c] += pr * row[c];
-             }
-           });
+  weigh_values<T, C>(v, n, pairs, stride, ends, s);
   for (int64_t p = 0; p < pairs; ++p) {
     std::memcpy(outs[p / group] + (p % group) * (d + 2) + 2, s.acc.data() + p * C, d * 4);
   }
@@ -257,48 +386,66 @@ void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const 
   }
   std::vector<float> parts(first_part[b] * kv_heads * per);
   PartFn<T> fn = part_fn<T>(d);
-  at::parallel_for(
-      0, static_cast<int64_t>(tasks.size()) * kv_heads, 1, [&](int64_t begin, int64_t end) {
-        Scratch scratch;
-        for (int64_t t = begin; t < end; ++t) {
-          const Task& task = tasks[t / kv_heads];
-          int64_t g = t % kv_heads, i0 = task.first;
-          int64_t lo = range[4 * i0 + 2] + task.part * PART;
-          const T* qs[MAX_Q];
-          int64_t his[MAX_Q];
-          float* outs[MAX_Q];
-          int64_t nq = 0;
-          for (int64_t i = i0; i < i0 + task.count; ++i) {
-            if (first_part[i] + task.part >= first_part[i + 1]) continue;  // it has fewer parts
-            qs[nq] = q + (i * heads + g * group) * d;
-            his[nq] = std::min(range[4 * i + 3], lo + PART);
-            outs[nq] = parts.data() + ((first_part[i] + task.part) * kv_heads + g) * per;
-            ++nq;
-          }
-          fn(qs, nq, k + g * hs, v + g * hs, span + 2 * range[4 * i0],
-             range[4 * i0 + 1] - range[4 * i0], lo, his, group, scale, outs, scratch);
-        }
-      });
-  std::vector<float> o(d);
-  for (int64_t i = 0; i < b; ++i) {
-    for (int64_t h = 0; h < heads; ++h) {
-      int64_t g = h / group, j = h % group;
-      auto at = [&](int64_t part) {
-        return parts.data() + (part * kv_heads + g) * per + j * (d + 2);
-      };
-      float top = -INFINITY, total = 0.f;
-      for (int64_t part = first_part[i]; part < first_part[i + 1]; ++part)
-        top = std::max(top, at(part)[0]);
-      std::fill(o.begin(), o.end(), 0.f);
-      for (int64_t part = first_part[i]; part < first_part[i + 1]; ++part) {
-        const float* p = at(part);
-        float w = std::exp(p[0] - top);
-        total += w * p[1];
-        for (int64_t c = 0; c < d; ++c) o[c] += w * p[2 + c];
-      }
-      for (int64_t c = 0; c < d; ++c) out[(i * heads + h) * d + c] = static_cast<T>(o[c] / total);
+  auto run_task = [&](int64_t t, Scratch& scratch) {
+    const Task& task = tasks[t / kv_heads];
+    int64_t g = t % kv_heads, i0 = task.first;
+    int64_t lo = range[4 * i0 + 2] + task.part * PART;
+    const T* qs[MAX_Q];
+    int64_t his[MAX_Q];
+    float* outs[MAX_Q];
+    int64_t nq = 0;
+    for (int64_t i = i0; i < i0 + task.count; ++i) {
+      if (first_part[i] + task.part >= first_part[i + 1]) continue;  // it has fewer parts
+      qs[nq] = q + (i * heads + g * group) * d;
+      his[nq] = std::min(range[4 * i + 3], lo + PART);
+      outs[nq] = parts.data() + ((first_part[i] + task.part) * kv_heads + g) * per;
+      ++nq;
     }
+    fn(qs, nq, k + g * hs, v + g * hs, span + 2 * range[4 * i0], range[4 * i0 + 1] - range[4 * i0],
+       lo, his, group, scale, outs, scratch);
+  };
+  // Causal prefill makes tasks of very different sizes; an even split of the list would
+  // leave one thread with all the long ones. Largest first, each thread taking the next.
+  int64_t n_tasks = static_cast<int64_t>(tasks.size()) * kv_heads;
+  std::vector<int64_t> order(n_tasks);
+  std::vector<int64_t> cost(tasks.size());
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    const Task& task = tasks[t];
+    int64_t lo = range[4 * task.first + 2] + task.part * PART, hi = lo;
+    for (int64_t i = task.first; i < task.first + task.count; ++i)
+      hi = std::max(hi, std::min(range[4 * i + 3], lo + PART));
+    cost[t] = (hi - lo) * task.count;
   }
+  for (int64_t t = 0; t < n_tasks; ++t) order[t] = t;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t x, int64_t y) { return cost[x / kv_heads] > cost[y / kv_heads]; });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    Scratch scratch;
+    for (int64_t t; (t = next.fetch_add(1)) < n_tasks;) run_task(order[t], scratch);
+  });
+  at::parallel_for(0, b, 32, [&](int64_t begin, int64_t end) {  // each query's parts merge
+    std::vector<float> o(d);
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t h = 0; h < heads; ++h) {
+        int64_t g = h / group, j = h % group;
+        auto at = [&](int64_t part) {
+          return parts.data() + (part * kv_heads + g) * per + j * (d + 2);
+        };
+        float top = -INFINITY, total = 0.f;
+        for (int64_t part = first_part[i]; part < first_part[i + 1]; ++part)
+          top = std::max(top, at(part)[0]);
+        std::fill(o.begin(), o.end(), 0.f);
+        for (int64_t part = first_part[i]; part < first_part[i + 1]; ++part) {
+          const float* p = at(part);
+          float w = std::exp(p[0] - top);
+          total += w * p[1];
+          for (int64_t c = 0; c < d; ++c) o[c] += w * p[2 + c];
+        }
+        for (int64_t c = 0; c < d; ++c) out[(i * heads + h) * d + c] = static_cast<T>(o[c] / total);
+      }
+    }
+  });
 }
 
 }  // namespace
