@@ -7,6 +7,7 @@ job instead of failing it, and the same outputs embedded and through a server.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -381,3 +382,117 @@ def test_an_endpoint_gives_the_embedded_outputs_and_survives_its_death(tmp_path:
         server.stop()
     assert progress.state == "finished"
     assert answers(out) == expected
+
+
+# -- conversation mode ------------------------------------------------------------------------
+def test_conversation_mode_cuts_chunks_that_fit_and_resumes_inside_one(tmp_path: Path) -> None:
+    limit, answer = 400, 40
+    docs = [
+        {
+            "custom_id": f"c{i}",
+            "prompt": f"Tell me fact {i} about {TOPICS[i % 10]}.",
+            "num_ctx": limit,
+        }
+        for i in range(14)
+    ]
+    inp = write_lines(tmp_path / "in.jsonl", docs)
+    sampling = {"temperature": 0, "max_tokens": answer}
+    ref = tmp_path / "ref.jsonl"
+    done = batch.run(
+        inp,
+        ref,
+        model=MODEL,
+        system=SYSTEM,
+        sampling=sampling,
+        mode="conversation",
+        job_dir=tmp_path / "ref",
+    )
+    assert done.state == "finished" and done.chunks > 1 and "context limit 400" in done.plan
+    usage = [d["response"]["body"]["usage"] for d in outputs(ref)]
+    assert max(u["prompt_tokens"] for u in usage) + answer + 64 <= limit  # with the margin
+    # each chunk starts again from the system prompt: the prompt shrinks exactly chunks - 1 times
+    drops = sum(b["prompt_tokens"] < a["prompt_tokens"] for a, b in itertools.pairwise(usage))
+    assert drops == done.chunks - 1
+    # killed inside a chunk, resumed: the chunk is rebuilt from the store
+    out, job = tmp_path / "out.jsonl", tmp_path / "job"
+    (tmp_path / "system.txt").write_text(SYSTEM)
+    proc = cli(
+        "run",
+        str(inp),
+        "--out",
+        str(out),
+        "--model",
+        MODEL,
+        "--job-dir",
+        str(job),
+        "--system",
+        str(tmp_path / "system.txt"),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        str(answer),
+        "--mode",
+        "conversation",
+    )
+    while committed(job) < 6 and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    progress = batch.resume(job)
+    assert progress.state == "finished" and progress.chunks == done.chunks
+    assert answers(out) == answers(ref)
+
+
+# -- probe ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_probe_measures_what_the_pool_holds(name: str) -> None:
+    from accordion.batch.probe import MARGIN, Shape, probe
+    from accordion.engine.engine import Engine, EngineConfig
+    from accordion.errors import RequestTooLargeError
+    from accordion.loader.model import load_model
+    from accordion.sampling_params import SamplingParams
+
+    budget = 3 * 2**20
+    result = probe(name, budget, Shape(2400, 600, 300, 1000))
+    per, block = result.bytes_per_token_config, result.block_size
+    tokens = result.measured_tokens  # its blocks hold it within one block
+    assert per * tokens <= result.bytes_per_token_measured * tokens <= per * (tokens + block)
+    context = result.max_context
+    assert 0 < context < result.trained_context
+    assert result.prefill_tps > 0 and result.decode_tps_1 > 0 and result.decode_tps_batch > 0
+    assert result.plan.chunk_requests == max(1, (context - MARGIN - 2400) // 900)
+    # the reported context holds: a sequence of that size runs under the budget; more does not
+    model = load_model(name)
+    engine = Engine(model, EngineConfig(kv_budget_bytes=budget))
+    greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    out = engine.submit([100 + i % 500 for i in range(context - 1)], greedy).result()
+    assert out.finish_reason == "length" and out.error is None
+    over = engine.submit([100 + i % 500 for i in range(context + block)], greedy).result()
+    assert isinstance(over.error, RequestTooLargeError)
+
+
+def test_probe_cli_prints_json() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accordion",
+            "probe",
+            MODEL,
+            "--budget",
+            "256MiB",
+            "--requests",
+            "500",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["budget_bytes"] == 256 * 2**20 and doc["shape"]["requests"] == 500
+    plan = doc["plan"]
+    assert plan["kv_tokens_shared"] == 2400 + 900 * plan["concurrency"]
+    assert plan["kv_tokens_unshared"] == 3300 * plan["concurrency"]
+    assert plan["concurrency"] > 0 and plan["kv_bytes_shared"] <= doc["budget_bytes"]

@@ -57,8 +57,8 @@ def run(
     """Run (or, for the same input and output, resume) a job; returns its final progress.
 
     `how` takes the run options: endpoint, api, max_inflight, kv_budget, retries."""
-    if mode != "independent":
-        raise ValueError(f"mode {mode!r} is not built yet: use independent")
+    if mode not in ("independent", "conversation"):
+        raise ValueError(f"mode must be independent or conversation, got {mode!r}")
     if on_bad_line not in ("fail", "skip"):
         raise ValueError(f"on_bad_line must be fail or skip, got {on_bad_line!r}")
     unknown = sorted(set(how) - set(RUN_OPTIONS))

@@ -25,8 +25,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from accordion.batch.conversation import Conversation
 from accordion.batch.job import Job, Scan, Settings
 from accordion.batch.lines import Line, parse, read
+from accordion.batch.probe import Shape, plan
 from accordion.batch.store import Result, Sink
 from accordion.batch.target import Reply, Target
 
@@ -55,6 +57,8 @@ class Progress:
     finished_here: int = 0  # results this run committed (the rate's numerator)
     tokens_here: int = 0
     state: str = "running"
+    plan: str | None = None  # conversation mode: how it cuts chunks
+    chunks: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -93,6 +97,7 @@ class Runner:
         self._stop = asyncio.Event()
         self._preempted: int | None = None
         self._sampled_at = 0.0  # wall time of the last stats sample read
+        self._last_check = time.monotonic()
 
     def request_stop(self) -> None:
         """Stop soon: in-flight requests are dropped, resume redoes them (any thread)."""
@@ -110,7 +115,7 @@ class Runner:
             self.progress.state = "interrupted"
             raise
         finally:
-            self._flush(force=True)
+            self.flush(force=True)
             for sink in self.sinks.values():
                 sink.close()
             self.job.store.put(state=self.progress.state)
@@ -123,10 +128,15 @@ class Runner:
         self.job.check_model(model, await self._digest(model))
         self.job.store.put(state="running")
         pending = self._pending()
+        if self.settings.mode == "conversation":
+            await Conversation(self).run(pending)
+            await self._last_stats()
+            self._settle()
+            return
         shared = 0
         for line in islice(pending, 2):  # load, cache the shared prefix, measure it
-            shared = self._finish(line, await self._send(line)).cached_tokens
-        self._flush(force=True)
+            shared = self.finish(line, await self._send(line)).cached_tokens
+        self.flush(force=True)
         self._plan(await self._first_stats(), shared)
         tasks: dict[asyncio.Task, Line] = {}
         try:
@@ -136,13 +146,31 @@ class Runner:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        self._settle()
+
+    def _settle(self) -> None:
         if self.progress.state == "running":
             complete = self.progress.done >= self.progress.total
             self.progress.state = "finished" if complete else "interrupted"
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def checkpoint(self, inflight: int = 0) -> None:
+        """Once a second: adapt to the target, heed `batch cancel`, report progress."""
+        if time.monotonic() - self._last_check < ADAPT_S:
+            return
+        self._last_check = time.monotonic()
+        await self._adapt(inflight)
+        if self.job.store.get("state") == "cancelling":
+            self.progress.state = "cancelled"
+            self._stop.set()
+        self.on_progress(self.progress)
+
     async def _drain(self, pending: Iterator[Line], tasks: dict[asyncio.Task, Line]) -> None:
         """Keep `limit` requests in flight until the input runs out or the job stops."""
-        more, last_adapt = True, time.monotonic()
+        more = True
         while not self._stop.is_set():
             while more and len(tasks) < self.progress.limit:
                 line = next(pending, None)
@@ -156,15 +184,9 @@ class Runner:
                 return
             done, _ = await asyncio.wait(tasks, timeout=COMMIT_S, return_when="FIRST_COMPLETED")
             for task in done:
-                self._finish(tasks.pop(task), task.result())
-            self._flush()
-            if time.monotonic() - last_adapt >= ADAPT_S:
-                last_adapt = time.monotonic()
-                await self._adapt(len(tasks))
-                if self.job.store.get("state") == "cancelling":
-                    self.progress.state = "cancelled"
-                    self._stop.set()
-                self.on_progress(self.progress)
+                self.finish(tasks.pop(task), task.result())
+            self.flush()
+            await self.checkpoint(len(tasks))
 
     def _pending(self) -> Iterator[Line]:
         """Input lines without a committed result, parsed again (they passed the first pass)."""
@@ -177,8 +199,15 @@ class Runner:
         return await self.target.post(line.url, line.body)
 
     # -- results -----------------------------------------------------------------------
-    def _finish(self, line: Line, reply: Reply) -> Result:
-        body = self.target.answer(line.url, reply)
+    def finish_error(self, line: Line, message: str) -> Result:
+        """A line this job cannot send: an error line, no request made."""
+        error = {"error": {"message": message, "type": "invalid_request_error"}}
+        return self.finish(line, Reply(400, error, ""), answered=False)
+
+    def finish(
+        self, line: Line, reply: Reply, chunk: int | None = None, answered: bool = True
+    ) -> Result:
+        body = self.target.answer(line.url, reply) if answered else reply.body
         ok = reply.status == 200
         usage = (body.get("usage") if ok and isinstance(body, dict) else None) or {}
         details = usage.get("prompt_tokens_details") or {}
@@ -197,6 +226,7 @@ class Runner:
             usage.get("prompt_tokens", 0),
             details.get("cached_tokens", 0) or 0,
             usage.get("completion_tokens", 0),
+            chunk,
         )
         self._buffer.append(result)
         p = self.progress
@@ -208,7 +238,7 @@ class Runner:
         p.tokens_here += result.prompt_tokens + result.completion_tokens
         return result
 
-    def _flush(self, force: bool = False) -> None:
+    def flush(self, force: bool = False) -> None:
         due = time.monotonic() - self._last_commit >= COMMIT_S or len(self._buffer) >= COMMIT_N
         if not self._buffer or not (force or due):
             return
@@ -220,19 +250,20 @@ class Runner:
 
     # -- capacity ----------------------------------------------------------------------
     def _plan(self, stats: dict[str, Any] | None, shared: int) -> None:
-        """In flight: what the KV budget holds of requests of the sizes seen so far, each
-        holding its own prompt past the shared prefix and its answer (8 without numbers)."""
+        """In flight: what probe.plan fits in the KV budget for requests of the sizes seen
+        so far, the shared prefix held once (8 without numbers)."""
         p, cap = self.progress, max(1, self.settings.max_inflight)
         limit = min(cap, 8)
         if stats is not None and p.finished_here:
             self._preempted = stats.get("preemptions", 0)
             kv = stats["kv"]
             p.kv_bytes_per_token, p.kv_budget_bytes = kv["bytes_per_token"], kv["budget_bytes"]
-            budget_tokens = kv["budget_bytes"] // max(kv["bytes_per_token"], 1)
+            block = kv["block_size"]
+            groups = [(g["bytes_per_block"] // block, g["window"]) for g in kv["groups"]]
             prompt = max(p.prompt_tokens // max(p.done - p.failed, 1), 1)
-            answer = self._answer_tokens()
-            per_request = max(prompt - shared + answer, 1)
-            limit = max(1, min(cap, (budget_tokens - shared) // per_request))
+            shape = Shape(shared, max(prompt - shared, 1), self._answer_tokens(), p.total)
+            fitted = plan(shape, groups, block, kv["budget_bytes"], 0, (1.0, 1.0, 1.0))
+            limit = max(1, min(cap, fitted.concurrency))
         p.limit = p.planned = limit
         p.lowest_limit = limit
 
@@ -251,7 +282,7 @@ class Runner:
                 return entry.get("digest")
         return None
 
-    async def _stats(self) -> dict[str, Any] | None:
+    async def model_stats(self) -> dict[str, Any] | None:
         """The target's numbers for the job's model (accordion's /api/stats), if it has them."""
         doc = await self.target.get("/api/stats")
         self._sampled_at = (doc or {}).get("t") or 0.0
@@ -265,7 +296,7 @@ class Runner:
     async def _first_stats(self) -> dict[str, Any] | None:
         """Stats are sampled once a second: a model just loaded may not be in them yet."""
         for _ in range(12):
-            stats = await self._stats()
+            stats = await self.model_stats()
             if stats is not None or not self.progress.finished_here:
                 return stats
             if await self.target.get("/api/stats") is None:  # not an accordion
@@ -283,7 +314,7 @@ class Runner:
 
     async def _adapt(self, inflight: int) -> bool:
         """Lower or raise the in-flight limit from the target's numbers; False without any."""
-        stats = await self._stats()
+        stats = await self.model_stats()
         if stats is None:
             return False
         p, cap = self.progress, max(1, self.settings.max_inflight)

@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS results (
     record TEXT NOT NULL,
     prompt_tokens INTEGER NOT NULL DEFAULT 0,
     cached_tokens INTEGER NOT NULL DEFAULT 0,
-    completion_tokens INTEGER NOT NULL DEFAULT 0
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    chunk INTEGER  -- conversation mode: the chat it was part of
 );
 """
 
@@ -42,6 +43,7 @@ class Result:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    chunk: int | None = None
 
 
 @dataclass
@@ -92,7 +94,7 @@ class JobStore:
             self.db.execute("BEGIN")
             self.db.executemany(
                 "INSERT INTO results (line, custom_id, ok, record, prompt_tokens, cached_tokens,"
-                " completion_tokens) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " completion_tokens, chunk) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         r.line,
@@ -102,6 +104,7 @@ class JobStore:
                         r.prompt_tokens,
                         r.cached_tokens,
                         r.completion_tokens,
+                        r.chunk,
                     )
                     for r in results
                 ],
@@ -122,6 +125,16 @@ class JobStore:
             " COALESCE(SUM(completion_tokens), 0) FROM results"
         ).fetchone()
         return Counts(*row)
+
+    def last_chunk(self) -> tuple[int, list[tuple[int, str]]] | None:
+        """Conversation mode: the newest chunk and its answered (line, record)s in order."""
+        row = self.db.execute("SELECT MAX(chunk) FROM results").fetchone()
+        if row is None or row[0] is None:
+            return None
+        rows = self.db.execute(
+            "SELECT line, record FROM results WHERE chunk = ? AND ok = 1 ORDER BY seq", (row[0],)
+        ).fetchall()
+        return row[0], rows
 
     def records(self, ok: bool, skip: int) -> Iterator[str]:
         """The committed output lines of one kind, in commit order, after the first `skip`."""

@@ -57,9 +57,9 @@ def run(
     truncate: Annotated[
         bool, typer.Option(help="Shorten prompts over the context (reported in the body).")
     ] = False,
-    mode: Annotated[str, typer.Option(help="independent (conversation: not built yet).")] = (
-        "independent"
-    ),
+    mode: Annotated[
+        str, typer.Option(help="independent, or conversation (one chat, cut in chunks).")
+    ] = "independent",
     on_bad_line: Annotated[
         str, typer.Option(help="fail: nothing runs; skip: bad lines become error lines.")
     ] = "fail",
@@ -208,6 +208,8 @@ class _bar:
 
 def _summary(p: batch.Progress) -> None:
     requests, tokens = p.rates()
+    if p.plan:
+        err.print(f"{p.plan}; {p.chunks} chunk(s)")
     err.print(
         f"{p.state}: {p.done}/{p.total} done, {p.failed} failed; this run {p.finished_here}"
         f" requests at {requests:.2f} req/s, {tokens:.0f} tok/s; prompt cache hits"
@@ -216,3 +218,91 @@ def _summary(p: batch.Progress) -> None:
     )
     if p.state != "finished":
         sys.exit(3 if p.state == "interrupted" else 0)
+
+
+# -- accordion probe ------------------------------------------------------------------------
+UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_bytes(text: str) -> int:
+    """'2000000', '4G', '512MB', '1.5GiB' -> bytes (decimal units; KiB, MiB, GiB binary)."""
+    value = text.strip().lower().removesuffix("b")
+    binary = value.endswith("i")
+    value = value.removesuffix("i")
+    unit = value[-1] if value and value[-1] in UNITS else ""
+    number = value[: len(value) - len(unit)]
+    try:
+        scale = 1024 ** "kmgt".index(unit) * 1024 if binary and unit else UNITS[unit]
+        return int(float(number) * scale)
+    except (ValueError, KeyError):
+        raise typer.BadParameter(f"not a size: {text!r} (e.g. 4G, 512MiB, 2000000)") from None
+
+
+def probe_command(
+    model: Annotated[str, typer.Argument(help="Model name (or a GGUF path).")],
+    budget: Annotated[
+        str | None, typer.Option(help="KV memory budget (e.g. 4G); default: what serve gives.")
+    ] = None,
+    system_tokens: Annotated[int, typer.Option(help="Shared system prompt tokens.")] = 2400,
+    message_tokens: Annotated[int, typer.Option(help="Tokens of each user message.")] = 600,
+    answer_tokens: Annotated[int, typer.Option(help="Tokens of each answer.")] = 300,
+    requests: Annotated[int, typer.Option(help="Requests in the job.")] = 170_000,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
+) -> None:
+    """Measure a model's KV memory and speed, and plan a batch job's shape."""
+    from rich.table import Table
+
+    from accordion.batch.probe import Shape, probe
+
+    shape = Shape(system_tokens, message_tokens, answer_tokens, requests)
+    result = probe(model, parse_bytes(budget) if budget else None, shape)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    mib = 2**20
+    plan = result.plan
+    table = Table(title=f"{model}: measured", show_header=False)
+    rows = [
+        ("weights", f"{result.weights_bytes / mib:.0f} MiB"),
+        ("KV budget", f"{result.budget_bytes / mib:.0f} MiB"),
+        (
+            "KV bytes per token",
+            f"{result.bytes_per_token_config} (config), {result.bytes_per_token_measured:.0f}"
+            f" (a prefilled sequence's blocks, block {result.block_size})",
+        ),
+        ("largest context", f"{result.max_context} of {result.trained_context} trained"),
+        ("prefill", f"{result.prefill_tps:.0f} tok/s"),
+        (
+            "decode",
+            f"{result.decode_tps_1:.1f} tok/s alone, {result.decode_tps_batch:.0f} at"
+            f" {result.batch}",
+        ),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    out = Console(highlight=False)
+    out.print(table)
+    table = Table(
+        title=f"plan: {requests} requests, {system_tokens} system + {message_tokens} message"
+        f" + {answer_tokens} answer tokens",
+        show_header=False,
+    )
+    rows = [
+        (
+            "in flight (independent)",
+            str(plan.concurrency) if plan.concurrency else "none: one request does not fit",
+        ),
+        (
+            "KV with the shared prefix",
+            f"{plan.kv_tokens_shared} tokens, {plan.kv_bytes_shared / mib:.0f} MiB",
+        ),
+        (
+            "KV without sharing",
+            f"{plan.kv_tokens_unshared} tokens, {plan.kv_bytes_unshared / mib:.0f} MiB",
+        ),
+        ("conversation chunk", f"{plan.chunk_requests} requests ({plan.chunks} chunks)"),
+        ("estimated time", f"{plan.estimated_s / 3600:.1f} h"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    out.print(table)

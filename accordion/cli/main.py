@@ -57,6 +57,7 @@ app = App(
 
 
 app.add_typer(batch.app, name="batch")
+app.command("probe")(batch.probe_command)
 
 
 def client() -> Client:

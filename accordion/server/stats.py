@@ -100,6 +100,8 @@ class Stats:
             "kv": {
                 key: kv[key]
                 for key in (
+                    "max_tokens",
+                    "block_size",
                     "budget_bytes",
                     "bytes_per_token",
                     "allocated_tokens",

@@ -1,0 +1,221 @@
+"""`accordion probe`: what one model can hold and how fast it goes, measured, and a plan.
+
+Nothing here is a guess from a formula alone. KV bytes per token come from the
+config and from the pool after a real sequence was prefilled; the largest context
+that fits a budget is found by growing one sequence, chunk by chunk as prefill
+would, in a pool with that budget (sliding-window layers give back what leaves
+their window); prefill and decode rates are timed on the engine. The plan for a
+job's shape (a shared system prompt, messages, answers) follows from those:
+requests in flight with the shared prefix held once, the KV that takes with and
+without sharing, how many requests a conversation chunk holds under the context
+limit, and the time it should take.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psutil
+
+from accordion.engine.engine import Engine, EngineConfig
+from accordion.kv.cache import KVCache
+from accordion.loader.model import LoadedModel, load_model
+from accordion.sampling_params import SamplingParams
+
+MEASURE_TOKENS = 200  # the sequence whose blocks measure bytes per token
+RATE_TOKENS = 16  # decode steps timed per rate
+MAX_INFLIGHT = 256  # a plan's cap on requests in flight
+MARGIN = 64  # tokens a conversation chunk keeps free below the context limit
+
+
+@dataclass
+class Shape:
+    system: int = 2400
+    message: int = 600
+    answer: int = 300
+    requests: int = 170_000
+
+
+@dataclass
+class Plan:
+    concurrency: int
+    kv_tokens_shared: int  # system + (message + answer) x concurrency
+    kv_tokens_unshared: int  # (system + message + answer) x concurrency
+    kv_bytes_shared: int
+    kv_bytes_unshared: int
+    chunk_requests: int  # conversation mode: requests per chunk under the context limit
+    chunks: int
+    estimated_s: float
+
+
+@dataclass
+class Probe:
+    model: str
+    budget_bytes: int
+    weights_bytes: int
+    trained_context: int
+    block_size: int
+    bytes_per_token_config: int
+    bytes_per_token_measured: float  # a prefilled sequence's blocks / its tokens
+    measured_tokens: int  # that sequence's length
+    max_context: int  # the largest one sequence holds under the budget (<= trained)
+    prefill_tps: float
+    decode_tps_1: float
+    decode_tps_batch: float
+    batch: int  # the concurrency decode_tps_batch was timed at
+    shape: Shape
+    plan: Plan
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_budget(weights_bytes: int) -> int:
+    """What `accordion serve` would give the model's KV cache on this machine now."""
+    return max(int(psutil.virtual_memory().available * 0.8) - weights_bytes, 1 << 24)
+
+
+def config_bytes_per_token(model: LoadedModel) -> int:
+    cfg = model.config
+    itemsize = model.decoder.kv_dtype.itemsize
+    return cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * itemsize
+
+
+def measure_bytes_per_token(engine: Engine, tokens: int = MEASURE_TOKENS) -> float:
+    """Prefill a real sequence and read what its blocks hold in the pool."""
+    ids = [100 + i % 1000 for i in range(tokens)]
+    handle = engine.submit(ids, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    while handle.seq.num_computed < len(ids) and handle.seq.finish_reason is None:
+        engine.step()
+    used = engine.kv.stats()["used_bytes"]
+    handle.result()
+    return used / tokens
+
+
+def max_context(model: LoadedModel, budget: int, config: EngineConfig | None = None) -> int:
+    """The longest sequence a pool of `budget` bytes can grow, reserved as prefill would."""
+    cfg = config or EngineConfig()
+    trained = model.config.context_length
+
+    def fits(n: int) -> bool:
+        kv = KVCache(
+            model.config, budget, cfg.block_size, model.decoder.kv_dtype, cfg.segment_tokens
+        )
+        kv.open(0, [0] * n)
+        ok = all(
+            kv.try_reserve(0, start, min(n, start + cfg.num_batch))
+            for start in range(0, n, cfg.num_batch)
+        )
+        kv.close(0)
+        return ok
+
+    lo, hi = 0, trained  # fits(lo); find the largest
+    if fits(hi):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def rates(engine: Engine, prompt: int, batch: int) -> tuple[float, float, float]:
+    """Prefill tok/s on one prompt, decode tok/s alone and at `batch` sequences."""
+    vocab = engine.model.config.vocab_size
+    base = [(7919 * i) % (vocab - 200) + 100 for i in range(prompt + batch)]
+    greedy1 = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    greedy = SamplingParams(temperature=0, max_tokens=RATE_TOKENS + 1, ignore_eos=True)
+    engine.submit(base[:32], greedy1).result()  # warm: kernels, allocator
+    start = time.perf_counter()
+    engine.submit(base[1 : prompt + 1], greedy1).result()
+    prefill = prompt / (time.perf_counter() - start)
+
+    def decode(n: int) -> float:
+        prompts = [base[i + 2 : i + 34] for i in range(n)]  # short and new: decode dominates
+        first = time.perf_counter()
+        for h in [engine.submit(p, greedy1) for p in prompts]:
+            h.result()
+        one = time.perf_counter() - first
+        start = time.perf_counter()
+        for h in [engine.submit([x + 1 for x in p], greedy) for p in prompts]:
+            h.result()
+        return n * RATE_TOKENS / max(time.perf_counter() - start - one, 1e-6)
+
+    return prefill, decode(1), decode(batch)
+
+
+def group_costs(kv: KVCache) -> list[tuple[int, int]]:
+    """(bytes per token, window or 0) of each layer group of the pool."""
+    return [(g.arena.bytes_per_block // kv.block_size, g.window) for g in kv.groups]
+
+
+def sequence_bytes(groups: list[tuple[int, int]], tokens: int, block: int) -> int:
+    """What one sequence of `tokens` holds: a window group only its window (and a block)."""
+    return sum(per * (min(tokens, window + block) if window else tokens) for per, window in groups)
+
+
+def plan(
+    shape: Shape,
+    groups: list[tuple[int, int]],
+    block: int,
+    budget: int,
+    context: int,
+    speeds: tuple,
+) -> Plan:
+    """Independent requests share the system prompt's full-attention blocks; each holds its
+    own message and answer there, and its own window in sliding-window layers."""
+    prefill, _, decode_batch = speeds
+    own, whole = shape.message + shape.answer, shape.system + shape.message + shape.answer
+    full = sum(per for per, window in groups if not window)
+    shared_bytes = full * shape.system
+    per_request = sequence_bytes(groups, whole, block) - shared_bytes
+    # 0: not even one request of this shape fits the budget
+    concurrency = max(0, min(MAX_INFLIGHT, (budget - shared_bytes) // max(per_request, 1)))
+    chunk = max(1, (context - MARGIN - shape.system) // own)
+    estimated = shape.requests * (shape.message / prefill + shape.answer / decode_batch)
+    return Plan(
+        concurrency,
+        shape.system + own * concurrency,
+        whole * concurrency,
+        shared_bytes + per_request * concurrency,
+        sequence_bytes(groups, whole, block) * concurrency,
+        chunk,
+        -(-shape.requests // chunk),
+        estimated,
+    )
+
+
+def probe(model_name: str, budget: int | None = None, shape: Shape | None = None) -> Probe:
+    shape = shape or Shape()
+    model = load_model(model_name)
+    weights = model.decoder.nbytes()
+    budget = budget or default_budget(weights)
+    per_token = config_bytes_per_token(model)
+    engine = Engine(model, EngineConfig(kv_budget_bytes=budget))
+    try:
+        context = max_context(model, budget)
+        tokens = min(MEASURE_TOKENS, context - 2)
+        measured = measure_bytes_per_token(engine, tokens)
+        groups, block = group_costs(engine.kv), engine.config.block_size
+        first = plan(shape, groups, block, budget, context, (1.0, 1.0, 1.0))
+        batch = max(1, min(first.concurrency, 16))
+        prompt = min(shape.system + shape.message, 512, context - 2)
+        speeds = rates(engine, prompt, batch)
+    finally:
+        engine.stop()
+    return Probe(
+        model_name,
+        budget,
+        weights,
+        model.config.context_length,
+        engine.config.block_size,
+        per_token,
+        measured,
+        tokens,
+        context,
+        *speeds,
+        batch,
+        shape,
+        plan(shape, groups, block, budget, context, speeds),
+    )
