@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <vector>
 
 #include "activations.h"
@@ -356,9 +357,10 @@ PartFn<T> part_fn(int64_t d) {
   }
 }
 
-// Each query's keys are cut in parts of PART from its first key; queries that share
-// runs and first key go in groups of MAX_Q, and every (group, part, kv head) is a
-// task, run in parallel; then each query head's parts merge by their maxima.
+// Each query's keys are cut in parts of PART from its first key. Parts that read the
+// same keys from the same slots go together in tasks of up to MAX_Q queries: a prefill
+// chunk's tokens, and the decode tokens of sequences sharing a cached prefix. Every
+// (task, kv head) runs in parallel; then each query head's parts merge by their maxima.
 template <typename T>
 void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const int64_t* range,
          int64_t b, int64_t heads, int64_t kv_heads, int64_t d, int64_t hs, float scale) {
@@ -369,33 +371,43 @@ void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const 
     first_part[i + 1] = first_part[i] + (n + PART - 1) / PART;
   }
   struct Task {
-    int64_t first, count, part;  // queries [first, first + count), their part `part`
+    std::vector<int64_t> members;  // queries reading part `part` of theirs from the same slots
+    int64_t part;
   };
   std::vector<Task> tasks;
-  for (int64_t i = 0; i < b;) {
-    int64_t j = i + 1;
-    auto same = [&](int64_t x) {
-      return range[4 * x] == range[4 * i] && range[4 * x + 1] == range[4 * i + 1] &&
-             range[4 * x + 2] == range[4 * i + 2];
-    };
-    while (j < b && j - i < MAX_Q && same(j)) ++j;
-    int64_t most = 0;
-    for (int64_t x = i; x < j; ++x) most = std::max(most, first_part[x + 1] - first_part[x]);
-    for (int64_t p = 0; p < most; ++p) tasks.push_back({i, j - i, p});
-    i = j;
+  std::map<std::vector<int64_t>, std::vector<size_t>> open;  // part's slots -> tasks with room
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t *runs = span + 2 * range[4 * i], n_runs = range[4 * i + 1] - range[4 * i];
+    int64_t total = 0;
+    for (int64_t r = 0; r < n_runs; ++r) total += runs[2 * r + 1] - runs[2 * r];
+    for (int64_t p = 0; p < first_part[i + 1] - first_part[i]; ++p) {
+      int64_t lo = range[4 * i + 2] + p * PART, hi = std::min(total, lo + PART), base = 0;
+      std::vector<int64_t> key = {p, lo};  // then the slot runs of keys [lo, hi)
+      for (int64_t r = 0; r < n_runs && base < hi; ++r) {
+        int64_t a = runs[2 * r], len = runs[2 * r + 1] - a;
+        int64_t from = std::max(lo, base), to = std::min(hi, base + len);
+        if (from < to) key.insert(key.end(), {a + from - base, a + to - base});
+        base += len;
+      }
+      std::vector<size_t>& room = open[key];
+      if (room.empty() || tasks[room.back()].members.size() == MAX_Q) {
+        room.push_back(tasks.size());
+        tasks.push_back({{}, p});
+      }
+      tasks[room.back()].members.push_back(i);
+    }
   }
   std::vector<float> parts(first_part[b] * kv_heads * per);
   PartFn<T> fn = part_fn<T>(d);
   auto run_task = [&](int64_t t, Scratch& scratch) {
     const Task& task = tasks[t / kv_heads];
-    int64_t g = t % kv_heads, i0 = task.first;
+    int64_t g = t % kv_heads, i0 = task.members[0];
     int64_t lo = range[4 * i0 + 2] + task.part * PART;
     const T* qs[MAX_Q];
     int64_t his[MAX_Q];
     float* outs[MAX_Q];
     int64_t nq = 0;
-    for (int64_t i = i0; i < i0 + task.count; ++i) {
-      if (first_part[i] + task.part >= first_part[i + 1]) continue;  // it has fewer parts
+    for (int64_t i : task.members) {
       qs[nq] = q + (i * heads + g * group) * d;
       his[nq] = std::min(range[4 * i + 3], lo + PART);
       outs[nq] = parts.data() + ((first_part[i] + task.part) * kv_heads + g) * per;
@@ -411,10 +423,9 @@ void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const 
   std::vector<int64_t> cost(tasks.size());
   for (size_t t = 0; t < tasks.size(); ++t) {
     const Task& task = tasks[t];
-    int64_t lo = range[4 * task.first + 2] + task.part * PART, hi = lo;
-    for (int64_t i = task.first; i < task.first + task.count; ++i)
-      hi = std::max(hi, std::min(range[4 * i + 3], lo + PART));
-    cost[t] = (hi - lo) * task.count;
+    int64_t lo = range[4 * task.members[0] + 2] + task.part * PART, hi = lo;
+    for (int64_t i : task.members) hi = std::max(hi, std::min(range[4 * i + 3], lo + PART));
+    cost[t] = (hi - lo) * static_cast<int64_t>(task.members.size());
   }
   for (int64_t t = 0; t < n_tasks; ++t) order[t] = t;
   std::stable_sort(order.begin(), order.end(),
