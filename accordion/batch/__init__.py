@@ -123,7 +123,11 @@ def _embedded(
 
     root = default_root()
     store = ModelStore(root, allowed_paths(root))
-    manager = ModelManager(store, engine_config=EngineConfig(kv_budget_bytes=settings.kv_budget))
+    manager = ModelManager(
+        store,
+        max_queue=max(512, 2 * settings.max_inflight),  # the job's in-flight is never a 503
+        engine_config=EngineConfig(kv_budget_bytes=settings.kv_budget),
+    )
     runner = Runner(job, settings, scan, Target.embedded(create_app(manager, store, Policy())))
     runner.on_progress = on_progress or runner.on_progress
     outcome: dict[str, Any] = {}
@@ -207,7 +211,22 @@ def jobs(root: Path | None = None) -> list[dict[str, Any]]:
     """The status of every job under the default jobs folder (or `root`)."""
     root = root or batches_root()
     found = sorted(p.parent for p in root.glob("*/job.db")) if root.is_dir() else []
-    return [status(d) for d in found]
+    out = []
+    for directory in found:
+        try:
+            out.append(status(directory))
+        except RefusedError:  # its input had bad lines: it holds nothing to show
+            out.append(
+                {
+                    "job_dir": str(directory),
+                    "state": "not started",
+                    "done": 0,
+                    "total": 0,
+                    "failed": 0,
+                    "model": "",
+                }
+            )
+    return out
 
 
 def cancel(job_dir: str | Path) -> bool:

@@ -47,7 +47,7 @@ class Settings:
     # how it runs: free to change on resume
     endpoint: str | None = None
     api: str = "openai"
-    max_inflight: int = 64
+    max_inflight: int = 128  # large decode batches pay; preemptions lower it as memory needs
     kv_budget: int | None = None
     retries: int = 6
 

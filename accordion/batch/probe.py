@@ -95,28 +95,36 @@ def measure_bytes_per_token(engine: Engine, tokens: int = MEASURE_TOKENS) -> flo
 
 
 def max_context(model: LoadedModel, budget: int, config: EngineConfig | None = None) -> int:
-    """The longest sequence a pool of `budget` bytes can grow, reserved as prefill would."""
+    """The longest prompt a pool of `budget` bytes holds, reserved as prefill does: in
+    chunks of num_batch, sliding-window layers giving back what left their window. That
+    makes the need a saw (each chunk's window share) on a slope: a bisection finds the
+    slope's edge, a scan by blocks below it finds the first length that does not fit."""
     cfg = config or EngineConfig()
-    trained = model.config.context_length
+    trained, bs = model.config.context_length, cfg.block_size
 
     def fits(n: int) -> bool:
         kv = KVCache(
-            model.config, budget, cfg.block_size, model.decoder.kv_dtype, cfg.segment_tokens
+            model.config, budget, bs, model.decoder.kv_dtype, cfg.segment_tokens, cfg.warm_tokens
         )
-        kv.open(0, [0] * n)
-        ok = all(
-            kv.try_reserve(0, start, min(n, start + cfg.num_batch))
-            for start in range(0, n, cfg.num_batch)
-        )
-        kv.close(0)
-        return ok
+        tokens = [i % 1000 for i in range(n)]
+        kv.open(0, tokens)
+        for start in range(0, n, cfg.num_batch):
+            end = min(n, start + cfg.num_batch)
+            if not kv.try_reserve(0, start, end):
+                return False
+            kv.written(0, tokens, end)  # as after the chunk's step: windows give back
+        return True
 
-    lo, hi = 0, trained  # fits(lo); find the largest
-    if fits(hi):
-        return hi
+    if fits(trained):
+        return trained
+    lo, hi = 0, trained  # fits(lo), not fits(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    start = max(0, lo - 2 * cfg.num_batch) // bs * bs
+    for n in range(start + 1, hi + 1, bs):  # need grows only where a block starts
+        if not fits(n):
+            return n - 1
     return lo
 
 

@@ -6,9 +6,10 @@ body out are exactly the server's. An endpoint is any accordion, Ollama or
 OpenAI-compatible server; `api="ollama"` speaks /api/chat, /api/generate and
 /api/embed and turns the answers into OpenAI bodies.
 
-Connection errors, 429 and 502/503/504 are retried with backoff; when the retries
-run out the job stops (`Unreachable`) rather than record a failure that is not
-the request's: resuming finishes it. Any other status is the request's answer.
+Connection errors and 5xx and 429 answers are retried with backoff. When the
+retries run out on a connection error, 429 or 502/503/504, the job stops
+(`Unreachable`) rather than record a failure that is not the request's: resuming
+finishes it. A 500 that persists, and any other status, is the request's answer.
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ class Target:
             except httpx.TransportError as e:
                 problem = f"{type(e).__name__}: {e}"
             else:
-                if response.status_code not in RETRY_STATUS:
-                    return Reply(response.status_code, _json(response), request_id)
-                problem = f"HTTP {response.status_code}"
+                status = response.status_code
+                if status not in RETRY_STATUS and (status != 500 or attempt == self.retries):
+                    return Reply(status, _json(response), request_id)
+                problem = f"HTTP {status}"
             if attempt < self.retries:
                 await asyncio.sleep(self.backoff * 2**attempt)
         raise Unreachable(f"{self.client.base_url}{path}: {problem} after {self.retries} retries")

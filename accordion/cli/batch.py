@@ -26,7 +26,7 @@ Endpoint = Annotated[
     str | None, typer.Option(help="A running server's URL (default: the engine in this process).")
 ]
 Api = Annotated[str | None, typer.Option(help="The endpoint's dialect: openai or ollama.")]
-MaxInflight = Annotated[int | None, typer.Option(help="Cap on requests in flight.")]
+MaxInflight = Annotated[int | None, typer.Option(help="Cap on requests in flight (default 128).")]
 KvBudget = Annotated[int | None, typer.Option(help="KV cache budget in bytes (embedded).")]
 Retries = Annotated[int | None, typer.Option(help="Retries of a request the target refused.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
@@ -182,6 +182,7 @@ class _bar:
             console=err,
         )
         self.task: Any = None
+        self.planned = False
 
     def __enter__(self) -> Any:
         if not self.quiet:
@@ -193,6 +194,9 @@ class _bar:
             return
         if self.task is None:
             self.task = self.bar.add_task("batch", total=p.total, line="")
+        if p.plan and not self.planned:  # conversation mode says how it cuts chunks
+            self.planned = True
+            self.bar.console.print(p.plan)
         requests, tokens = p.rates()
         kv = f" · KV {p.kv_used_bytes / 2**20:.0f} MiB" if p.kv_used_bytes is not None else ""
         line = (
