@@ -128,7 +128,7 @@ inline void key_slots(const int64_t* spans, int64_t n_spans, int64_t lo, int64_t
 // transposed once for all of them, so lanes run across keys and the same tree is
 // plain vector adds (scores_by_tiles): the same bits either way. The output is
 // sum over its own keys, in order, of fma(p, v, acc).
-constexpr int64_t MAX_Q = 8;
+constexpr int64_t MAX_Q = 16;
 constexpr int64_t TILED_PAIRS = 8;  // pairs from which a transposed tile pays for itself
 constexpr int64_t PB = 8;           // pairs per pass over a tile's 16 lane vectors
 
