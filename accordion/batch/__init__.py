@@ -61,9 +61,6 @@ def run(
         raise ValueError(f"mode must be independent or conversation, got {mode!r}")
     if on_bad_line not in ("fail", "skip"):
         raise ValueError(f"on_bad_line must be fail or skip, got {on_bad_line!r}")
-    unknown = sorted(set(how) - set(RUN_OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown options {unknown}")
     input_path, out_path = Path(input).resolve(), Path(out).resolve()
     if not input_path.is_file():
         raise FileNotFoundError(f"no input file {input}")
@@ -74,7 +71,7 @@ def run(
         Defaults(model, system, dict(sampling or {}), truncate),
         mode,
         on_bad_line,
-        **how,
+        **_run_options(how),
     )
     directory = Path(job_dir) if job_dir else default_dir(input_path, out_path)
     return execute(directory, settings, on_progress)
@@ -88,11 +85,15 @@ def resume(
     settings = job.settings
     job.close()
     assert settings is not None
+    return execute(Path(job_dir), replace(settings, **_run_options(how)), on_progress)
+
+
+def _run_options(how: dict[str, Any]) -> dict[str, Any]:
+    """The run options given (None: not given, the default or the job's own stays)."""
     unknown = sorted(set(how) - set(RUN_OPTIONS))
     if unknown:
         raise TypeError(f"unknown options {unknown}")
-    changes = {k: v for k, v in how.items() if v is not None}
-    return execute(Path(job_dir), replace(settings, **changes), on_progress)
+    return {k: v for k, v in how.items() if v is not None}
 
 
 def execute(

@@ -241,12 +241,11 @@ def duplicates(path: Path, hashes: array, numbers: array) -> list[tuple[int, str
     h = np.frombuffer(hashes, dtype=np.int64)
     if len(h) < 2:
         return []
-    order = np.argsort(h, kind="stable")
-    sorted_h = h[order]
+    sorted_h = np.sort(h)
     clash = set(sorted_h[1:][sorted_h[1:] == sorted_h[:-1]].tolist())
     if not clash:
         return []
-    wanted = {int(numbers[i]) for i in range(len(h)) if int(h[i]) in clash}
+    wanted = set(np.frombuffer(numbers, dtype=np.int64)[np.isin(h, list(clash))].tolist())
     first: dict[str, int] = {}
     repeats = []
     for number, raw in read(path):

@@ -125,7 +125,7 @@ class Runner:
 
     async def _run(self) -> None:
         model = self.scan.model or ""
-        self.job.check_model(model, await self._digest(model))
+        self.job.check_model(model, await self._digest())
         self.job.store.put(state="running")
         pending = self._pending()
         if self.settings.mode == "conversation":
@@ -273,34 +273,42 @@ class Runner:
         seen = self.progress.completion_tokens // max(self.progress.done, 1)
         return int(asked) if asked else max(seen * 2, 64)
 
-    async def _digest(self, model: str) -> str | None:
+    def _names(self) -> tuple[str, str]:
+        """The job's model as a line names it and as a server lists it ('m' -> 'm:latest')."""
+        model = self.scan.model or ""
+        return model, model if ":" in model else f"{model}:latest"
+
+    async def _digest(self) -> str | None:
         tags = await self.target.get("/api/tags")
         for entry in (tags or {}).get("models", []):
-            if model in (entry.get("name"), entry.get("model")) or entry.get("name") == (
-                f"{model}:latest"
-            ):
+            if {entry.get("name"), entry.get("model")} & set(self._names()):
                 return entry.get("digest")
         return None
 
-    async def model_stats(self) -> dict[str, Any] | None:
-        """The target's numbers for the job's model (accordion's /api/stats), if it has them."""
+    async def _stats_doc(self) -> dict[str, Any] | None:
+        """/api/stats, or None from a target without it (not an accordion)."""
         doc = await self.target.get("/api/stats")
         self._sampled_at = (doc or {}).get("t") or 0.0
+        return doc
+
+    def _model_in(self, doc: dict[str, Any] | None) -> dict[str, Any] | None:
         models = (doc or {}).get("models") or {}
-        model = self.scan.model or ""
-        key = next((k for k in (model, f"{model}:latest") if k in models), None)
+        key = next((k for k in self._names() if k in models), None)
         if key is None and len(models) == 1:
             key = next(iter(models))
         return models.get(key) if key else None
 
+    async def model_stats(self) -> dict[str, Any] | None:
+        """The target's numbers for the job's model (accordion's /api/stats), if it has them."""
+        return self._model_in(await self._stats_doc())
+
     async def _first_stats(self) -> dict[str, Any] | None:
         """Stats are sampled once a second: a model just loaded may not be in them yet."""
         for _ in range(12):
-            stats = await self.model_stats()
-            if stats is not None or not self.progress.finished_here:
+            doc = await self._stats_doc()
+            stats = self._model_in(doc)
+            if stats is not None or doc is None or not self.progress.finished_here:
                 return stats
-            if await self.target.get("/api/stats") is None:  # not an accordion
-                return None
             await asyncio.sleep(0.25)
         return None
 

@@ -158,7 +158,8 @@ class Sink:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a+b")  # noqa: SIM115 (appended to until close)
         lines = _cut_torn_tail(self.file)
-        committed = store.counts().ok if self.ok else store.counts().failed
+        counts = store.counts()
+        committed = counts.ok if self.ok else counts.failed
         if lines > committed:
             raise ValueError(
                 f"{self.path} has {lines} lines but the job committed {committed}: it was"

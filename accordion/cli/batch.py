@@ -79,7 +79,6 @@ def run(
         "seed": seed,
         "stop": stop or None,
     }
-    how = _how(endpoint, api, max_inflight, kv_budget, retries)
     with _bar(quiet) as show:
         progress = batch.run(
             input,
@@ -93,7 +92,11 @@ def run(
             mode=mode,
             on_bad_line=on_bad_line,
             on_progress=show,
-            **how,
+            endpoint=endpoint,  # run options left None keep their defaults
+            api=api,
+            max_inflight=max_inflight,
+            kv_budget=kv_budget,
+            retries=retries,
         )
     _summary(progress)
 
@@ -111,7 +114,13 @@ def resume(
     """Continue a job: finished requests are never run again."""
     with _bar(quiet) as show:
         progress = batch.resume(
-            job_dir, show, **_how(endpoint, api, max_inflight, kv_budget, retries)
+            job_dir,
+            show,
+            endpoint=endpoint,
+            api=api,
+            max_inflight=max_inflight,
+            kv_budget=kv_budget,
+            retries=retries,
         )
     _summary(progress)
 
@@ -149,23 +158,6 @@ def cancel(job_dir: JobDir) -> None:
     """Stop a running job (what is done stays done; resume continues it)."""
     running = batch.cancel(job_dir)
     print("cancelling: the job stops after its next commit" if running else "cancelled")
-
-
-def _how(
-    endpoint: str | None,
-    api: str | None,
-    max_inflight: int | None,
-    kv_budget: int | None,
-    retries: int | None,
-) -> dict[str, Any]:
-    given = {
-        "endpoint": endpoint,
-        "api": api,
-        "max_inflight": max_inflight,
-        "kv_budget": kv_budget,
-        "retries": retries,
-    }
-    return {k: v for k, v in given.items() if v is not None}
 
 
 class _bar:
