@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from accordion.structured.grammar import Grammar
+
 PENALTY_RANGE = 2.0  # presence / frequency penalties live in [-2, 2], as in OpenAI's API
 
 
@@ -24,6 +26,7 @@ class SamplingParams:
     ignore_eos: bool = False
     shift: bool = False  # at the context limit, drop old tokens and go on instead of stopping
     num_keep: int = 0  # tokens at the start that a shift never drops
+    grammar: Grammar | None = None  # the output must match it (constrained decoding)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -135,7 +135,7 @@ def test_client_errors(client: OpenAI) -> None:
         ("chat/completions", {"messages": FRANCE, "tools": [{"type": "function"}]}, "tools"),
         (
             "chat/completions",
-            {"messages": FRANCE, "response_format": {"type": "json_object"}},
+            {"messages": FRANCE, "response_format": {"type": "xml"}},
             "response_format",
         ),
         ("completions", {"prompt": "x", "echo": True}, "echo"),

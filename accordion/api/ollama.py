@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from accordion.api import prompts, service
+from accordion.api import constraints, prompts, service
 from accordion.api.app import streamed
 from accordion.api.guard import request_id
 from accordion.engine.request import Event, RequestOutput
@@ -80,10 +80,6 @@ async def load(request: Request, body: _Body | EmbedBody) -> tuple[Loaded, float
 def check_unsupported(body: _Body, images: list[str] | None) -> None:
     if images:
         raise InvalidRequestError(f"model '{body.model}' does not support images")
-    if body.format is not None and body.format != "":
-        raise InvalidRequestError(
-            "format (JSON mode / schemas) is not supported yet: constrained decoding is not built"
-        )
 
 
 def stats(out: RequestOutput, load_s: float, start: float) -> dict[str, Any]:
@@ -163,6 +159,7 @@ def load_reply(body: _Body, request: Request, loaded: Loaded, chat: bool) -> JSO
 @router.post("/api/generate", responses=STREAMED)
 async def generate(body: GenerateBody, request: Request) -> Any:
     start = time.perf_counter()
+    grammar = constraints.from_ollama(body.format)
     loaded, load_s = await load(request, body)
     if not body.prompt and not body.suffix:
         return load_reply(body, request, loaded, chat=False)
@@ -180,6 +177,7 @@ async def generate(body: GenerateBody, request: Request) -> Any:
         request_id.get(),
     )
     prepared.options.params.shift = body.shift
+    await constraints.constrain(loaded, prepared, grammar)
     return await respond(
         request, body, loaded, load_s, prepared, lambda text: {"response": text}, start
     )
@@ -195,6 +193,7 @@ async def chat(body: ChatBody, request: Request) -> Any:
             raise InvalidRequestError(
                 f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.role!r}"
             )
+    grammar = constraints.from_ollama(body.format)
     loaded, load_s = await load(request, body)
     check_unsupported(body, [i for m in body.messages for i in (m.images or [])])
     if body.tools and not loaded.model.template.supports_tools:
@@ -207,6 +206,7 @@ async def chat(body: ChatBody, request: Request) -> Any:
 
     prepared = await prompts.in_worker(prepare)
     prepared.options.params.shift = body.shift
+    await constraints.constrain(loaded, prepared, grammar)
     return await respond(
         request,
         body,

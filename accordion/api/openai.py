@@ -23,13 +23,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from accordion.api import prompts, service
+from accordion.api import constraints, prompts, service
 from accordion.api.app import status_of, streamed
 from accordion.api.guard import request_id
 from accordion.engine.request import Event, RequestOutput
 from accordion.errors import InvalidRequestError
 from accordion.server.manager import Loaded
 from accordion.server.store import ModelEntry
+from accordion.structured import Grammar
 
 router = APIRouter()
 
@@ -64,6 +65,8 @@ class _Body(BaseModel):
     stream_options: StreamOptions | None = None
     logprobs: Any = None
     logit_bias: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None  # on completions too, as vLLM has it
+    structured_outputs: dict[str, Any] | None = None  # vLLM's extension
     # accordion extras
     num_ctx: Int | None = None
     truncate: Flag = True
@@ -80,7 +83,6 @@ class ChatBody(_Body):
     messages: list[dict[str, Any]]
     max_completion_tokens: Count | None = None
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
 
     def num_predict(self) -> int | None:
         if self.max_completion_tokens is not None:  # max_tokens is deprecated for chat
@@ -111,11 +113,6 @@ def check_unsupported(body: _Body) -> None:
         raise InvalidRequestError("logprobs are not supported")
     if body.logit_bias:
         raise InvalidRequestError("logit_bias is not supported")
-    fmt = body.response_format if isinstance(body, ChatBody) else None
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise InvalidRequestError(
-            "response_format other than text is not supported: constrained decoding is not built"
-        )
     if isinstance(body, CompletionBody):
         if body.echo:
             raise InvalidRequestError("echo is not supported")
@@ -123,6 +120,14 @@ def check_unsupported(body: _Body) -> None:
             raise InvalidRequestError("suffix (insert) is not supported")
         if body.best_of not in (None, 1):
             raise InvalidRequestError("best_of is not supported")
+
+
+def request_grammar(body: _Body) -> Grammar | None:
+    """The output constraint the body asks for (checked, not yet compiled)."""
+    return constraints.one_of(
+        ("response_format", constraints.from_response_format(body.response_format)),
+        ("structured_outputs", constraints.from_structured_outputs(body.structured_outputs)),
+    )
 
 
 def ollama_options(body: _Body) -> dict[str, Any]:
@@ -279,6 +284,7 @@ async def respond(
 @router.post("/v1/chat/completions", responses=STREAMED)
 async def chat_completions(body: ChatBody, request: Request) -> Any:
     check_unsupported(body)
+    grammar = request_grammar(body)
     messages = chat_messages(body.messages)  # before loading: a bad request costs nothing
     loaded = await load(request, body.model)
     if body.tools and not loaded.model.template.supports_tools:
@@ -292,12 +298,14 @@ async def chat_completions(body: ChatBody, request: Request) -> Any:
         body.tools or None,
         request_id.get(),
     )
+    await constraints.constrain(loaded, prepared, grammar)
     return await respond(request, body, loaded, prepared, chat=True)
 
 
 @router.post("/v1/completions", responses=STREAMED)
 async def completions(body: CompletionBody, request: Request) -> Any:
     check_unsupported(body)
+    grammar = request_grammar(body)
     prompt = completion_prompt(body.prompt)
     loaded = await load(request, body.model)
     prepared = await prompts.in_worker(
@@ -310,6 +318,7 @@ async def completions(body: CompletionBody, request: Request) -> Any:
         body.truncate,
         request_id.get(),
     )
+    await constraints.constrain(loaded, prepared, grammar)
     return await respond(request, body, loaded, prepared, chat=False)
 
 

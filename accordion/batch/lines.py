@@ -158,6 +158,7 @@ def check(url: str, body: dict[str, Any]) -> None:
     if parsed.stream:
         raise InvalidRequestError("stream is not supported in a batch: each result is one body")
     openai.check_unsupported(parsed)
+    openai.request_grammar(parsed)
     if isinstance(parsed, openai.ChatBody):
         openai.chat_messages(parsed.messages)
     else:

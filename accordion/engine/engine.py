@@ -35,6 +35,7 @@ from accordion.kv.cache import KVCache
 from accordion.loader.detokenizer import IncrementalDetokenizer
 from accordion.loader.model import LoadedModel
 from accordion.sampling_params import SamplingParams
+from accordion.structured import Compiler, Constraint
 
 log = logging.getLogger("accordion.engine")
 
@@ -64,6 +65,8 @@ class Engine:
         self._handles: dict[int, RequestHandle] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._stops: dict[int, StopStrings] = {}
+        self._constraints: dict[int, Constraint] = {}
+        self.grammars = Compiler(model.tokenizer, model.config.vocab_size)
         self._inbox: list[Sequence] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -92,9 +95,14 @@ class Engine:
                 f"prompt has {len(prompt_ids)} tokens but the context limit is {limit}"
             )
         seq = Sequence(list(prompt_ids), params, limit, new_generator(params.seed))
+        # compiled here, so a bad grammar fails the call; callers on an event loop
+        # compile first in a worker (`grammars.compile`), leaving a cache hit for this
+        constraint = self.grammars.start(params.grammar) if params.grammar else None
         handle = RequestHandle(seq, self)
         with self._lock:
             self._handles[seq.id] = handle
+            if constraint is not None:
+                self._constraints[seq.id] = constraint
             self._detok[seq.id] = IncrementalDetokenizer(self.model.tokenizer, prompt_ids)
             self._stops[seq.id] = StopStrings(params.stop)
             self._inbox.append(seq)
@@ -212,10 +220,15 @@ class Engine:
         p = seq.params
         if p.max_tokens == 0:
             return self._end(seq, "length", "")
+        constraint = self._constraints.get(seq.id)
+        if constraint is not None:
+            logits = constraint.mask(logits)
         token = sample_one(logits, p, seq.token_ids, seq.generator)
         seq.first_token = seq.first_token or time.perf_counter()
         if token in self.model.tokenizer.eog_ids and not p.ignore_eos:
             return self._end(seq, "stop", "")
+        if constraint is not None:
+            constraint.advance(token)
         seq.token_ids.append(token)
         seq.generated.append(token)
         self.tokens_generated += 1
@@ -223,6 +236,8 @@ class Engine:
         seq.text += text
         if hit:
             return self._end(seq, "stop", text, token, flush=False)
+        if constraint is not None and constraint.finished:  # the grammar's output is whole
+            return self._end(seq, "stop", text, token)
         if p.max_tokens is not None and len(seq.generated) >= p.max_tokens:
             return self._end(seq, "length", text, token)
         if len(seq.token_ids) >= seq.limit:
@@ -266,6 +281,7 @@ class Engine:
         self._handles.pop(seq.id, None)
         self._detok.pop(seq.id, None)
         self._stops.pop(seq.id, None)
+        self._constraints.pop(seq.id, None)
 
     # -- memory --------------------------------------------------------------------
     def kv_stats(self) -> dict:
