@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from accordion.structured.grammar import Grammar
 
 PENALTY_RANGE = 2.0  # presence / frequency penalties live in [-2, 2], as in OpenAI's API
+BAN = -100.0  # a logit_bias this low bans the token; biases live in [-100, 100]
+MAX_LOGPROBS = 20  # top logprobs per position, as OpenAI's chat API caps them
 
 
 @dataclass
@@ -27,6 +29,8 @@ class SamplingParams:
     shift: bool = False  # at the context limit, drop old tokens and go on instead of stopping
     num_keep: int = 0  # tokens at the start that a shift never drops
     grammar: Grammar | None = None  # the output must match it (constrained decoding)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to logit
+    logprobs: int | None = None  # report each output token's logprob and this many top ones
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -56,6 +60,17 @@ class SamplingParams:
             (self.max_tokens is None or self.max_tokens >= 0, "max_tokens must be >= 0"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
             (self.num_keep >= 0, "num_keep must be >= 0"),
+            (
+                all(
+                    isinstance(b, int | float) and -BAN >= b >= BAN
+                    for b in self.logit_bias.values()
+                ),
+                f"logit_bias values must be numbers in [{BAN:g}, {-BAN:g}]",
+            ),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+                f"top logprobs must be in [0, {MAX_LOGPROBS}]",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -259,15 +259,17 @@ def test_a_failing_sample_ends_only_its_own_sequence(
 
     model = tiny(tiny_dir, "llama")
     eng = engine(model, budget_tokens=400)
-    real = engine_module.sample_one
+    real = engine_module.choose
     poisoned = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, seed=666)
+    calls = [0]
 
-    def sample(logits, p, history, gen):  # noqa: ANN001, ANN202
-        if p is poisoned and len(history) > 12:
+    def sample(logits, p, gen):  # noqa: ANN001, ANN202
+        calls[0] += p is poisoned
+        if p is poisoned and calls[0] > 3:
             raise RuntimeError("a sampler bug")
-        return real(logits, p, history, gen)
+        return real(logits, p, gen)
 
-    monkeypatch.setattr(engine_module, "sample_one", sample)
+    monkeypatch.setattr(engine_module, "choose", sample)
     prompts = prompts_with_shared_prefixes(3, 3)
     handles = [eng.submit(prompts[0], GREEDY), eng.submit(prompts[1], poisoned)]
     handles.append(eng.submit(prompts[2], GREEDY))

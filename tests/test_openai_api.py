@@ -118,8 +118,8 @@ def test_client_errors(client: OpenAI) -> None:
         )
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=FRANCE)
-    with pytest.raises(openai.BadRequestError, match="n=2"):
-        client.chat.completions.create(model=MODEL, messages=FRANCE, n=2)
+    with pytest.raises(openai.BadRequestError, match="n must be in"):
+        client.chat.completions.create(model=MODEL, messages=FRANCE, n=17)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model=MODEL, messages=FRANCE, temperature="hot")
 
@@ -138,7 +138,12 @@ def test_client_errors(client: OpenAI) -> None:
             {"messages": FRANCE, "response_format": {"type": "xml"}},
             "response_format",
         ),
-        ("completions", {"prompt": "x", "echo": True}, "echo"),
+        ("completions", {"prompt": "x", "suffix": "y"}, "suffix"),
+        ("completions", {"prompt": "x", "logprobs": 21}, "logprobs must be at most 20"),
+        ("chat/completions", {"messages": FRANCE, "top_logprobs": 2}, "requires logprobs"),
+        ("chat/completions", {"messages": FRANCE, "logit_bias": {"x": 1}}, "token ids"),
+        ("chat/completions", {"messages": FRANCE, "logit_bias": {"1": 101}}, "logit_bias"),
+        ("chat/completions", {"messages": FRANCE, "logit_bias": {"99999999": 1}}, "[0, 49152)"),
         ("completions", {"prompt": [1, 2, 3]}, "prompt"),
         ("embeddings", {"input": [[1, 2, 3]]}, "token-id"),
         ("embeddings", {"input": "x", "encoding_format": "int8"}, "encoding_format"),

@@ -12,11 +12,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from accordion.api import constraints, prompts, service
+from accordion.api import constraints, logprobs, prompts, service
 from accordion.api.app import streamed
 from accordion.api.guard import request_id
+from accordion.api.options import with_params
 from accordion.engine.request import Event, RequestOutput
+from accordion.engine.sequence import Logprob
 from accordion.errors import InvalidRequestError
+from accordion.sampling_params import MAX_LOGPROBS
 from accordion.server.durations import parse_keep_alive
 from accordion.server.manager import Loaded
 
@@ -35,6 +38,14 @@ class _Body(BaseModel):
     truncate: StrictBool = True
     shift: StrictBool = False
     format: str | dict[str, Any] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: int | None = Field(default=None, strict=True, ge=0, le=MAX_LOGPROBS)
+
+    def top(self) -> int | None:
+        """How many alternatives to report per token; None: no logprobs at all."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class GenerateBody(_Body):
@@ -109,7 +120,16 @@ async def respond(
     """Stream NDJSON chunks (or one object); `piece(text)` shapes a chunk's payload."""
     head = {"model": body.model}
 
-    def final(out: RequestOutput, text: str) -> dict[str, Any]:
+    tokenizer = loaded.model.tokenizer
+    asked = prepared.options.params.logprobs is not None
+    pending: list[Logprob] = []  # logprobs of tokens whose text is not sent yet
+
+    def with_logprobs(doc: dict[str, Any], entries: list[Logprob]) -> dict[str, Any]:
+        if asked:
+            doc["logprobs"] = logprobs.entries(tokenizer, entries)
+        return doc
+
+    def final(out: RequestOutput, text: str, entries: list[Logprob]) -> dict[str, Any]:
         doc = {
             **head,
             "created_at": now(),
@@ -119,25 +139,31 @@ async def respond(
         }
         if prepared.truncated:
             doc["truncated"] = prepared.truncated
-        return doc
+        return with_logprobs(doc, entries)
 
     if not body.stream:
         out = await service.complete(request, loaded, prepared)
         service.raise_for(out)
-        return JSONResponse(final(out, out.text))
+        return JSONResponse(final(out, out.text, out.logprobs))
 
     running = service.start(request, loaded, prepared)  # a full queue: 503, not an empty 200
 
     async def lines() -> AsyncIterator[bytes]:
+        seen = 0  # the engine may be tokens ahead of this loop: count, don't measure
         async for item in running.events():
             if isinstance(item, Event):
+                if item.token_id is not None:
+                    if asked:
+                        pending.append(item.seq.logprobs[seen])
+                    seen += 1
                 if item.text:
                     chunk = {**head, "created_at": now(), **piece(item.text), "done": False}
-                    yield (json.dumps(chunk) + "\n").encode()
+                    yield (json.dumps(with_logprobs(chunk, pending)) + "\n").encode()
+                    pending.clear()
             elif item.error is not None and item.finish_reason == "error":
                 yield (json.dumps({"error": str(item.error)}) + "\n").encode()
             else:
-                yield (json.dumps(final(item, "")) + "\n").encode()
+                yield (json.dumps(final(item, "", pending)) + "\n").encode()
 
     return StreamingResponse(lines(), media_type=NDJSON)
 
@@ -159,6 +185,7 @@ def load_reply(body: _Body, request: Request, loaded: Loaded, chat: bool) -> JSO
 @router.post("/api/generate", responses=STREAMED)
 async def generate(body: GenerateBody, request: Request) -> Any:
     start = time.perf_counter()
+    body.top()  # its 400 before the model loads
     grammar = constraints.from_ollama(body.format)
     loaded, load_s = await load(request, body)
     if not body.prompt and not body.suffix:
@@ -176,7 +203,9 @@ async def generate(body: GenerateBody, request: Request) -> Any:
         body.truncate,
         request_id.get(),
     )
-    prepared.options.params.shift = body.shift
+    prepared.options.params = with_params(
+        prepared.options.params, shift=body.shift, logprobs=body.top()
+    )
     await constraints.constrain(loaded, prepared, grammar)
     return await respond(
         request, body, loaded, load_s, prepared, lambda text: {"response": text}, start
@@ -193,6 +222,7 @@ async def chat(body: ChatBody, request: Request) -> Any:
             raise InvalidRequestError(
                 f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.role!r}"
             )
+    body.top()  # its 400 before the model loads
     grammar = constraints.from_ollama(body.format)
     loaded, load_s = await load(request, body)
     check_unsupported(body, [i for m in body.messages for i in (m.images or [])])
@@ -205,7 +235,9 @@ async def chat(body: ChatBody, request: Request) -> Any:
         return prompts.prepare_chat(loaded, messages, body.options, body.truncate, body.tools, rid)
 
     prepared = await prompts.in_worker(prepare)
-    prepared.options.params.shift = body.shift
+    prepared.options.params = with_params(
+        prepared.options.params, shift=body.shift, logprobs=body.top()
+    )
     await constraints.constrain(loaded, prepared, grammar)
     return await respond(
         request,

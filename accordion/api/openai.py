@@ -10,11 +10,12 @@ after it started reports the error as one SSE data line.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Annotated, Any
 
@@ -23,11 +24,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from accordion.api import constraints, prompts, service
+from accordion.api import choices, constraints, prompts, service
 from accordion.api.app import status_of, streamed
 from accordion.api.guard import request_id
+from accordion.api.options import with_params
 from accordion.engine.request import Event, RequestOutput
+from accordion.engine.sequence import Logprob
 from accordion.errors import InvalidRequestError
+from accordion.sampling_params import MAX_LOGPROBS
 from accordion.server.manager import Loaded
 from accordion.server.store import ModelEntry
 from accordion.structured import Grammar
@@ -41,6 +45,7 @@ Int = Annotated[int, Field(strict=True)]
 Flag = Annotated[bool, Field(strict=True)]
 
 STREAMED = streamed("text/event-stream")
+MAX_CHOICES = 16  # n: each choice is a request of its own in the queue
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
@@ -63,7 +68,6 @@ class _Body(BaseModel):
     n: Int | None = None
     stream: Flag = False
     stream_options: StreamOptions | None = None
-    logprobs: Any = None
     logit_bias: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None  # on completions too, as vLLM has it
     structured_outputs: dict[str, Any] | None = None  # vLLM's extension
@@ -73,21 +77,30 @@ class _Body(BaseModel):
     top_k: Int | None = None
     min_p: Num | None = None
     repeat_penalty: Num | None = None
+    ignore_eos: Flag = False  # vLLM's and llama.cpp's, which benchmark tools send
     options: dict[str, Any] | None = None
 
     def num_predict(self) -> int | None:
         return self.max_tokens
+
+    def top_logprobs_count(self) -> int | None:
+        return None
 
 
 class ChatBody(_Body):
     messages: list[dict[str, Any]]
     max_completion_tokens: Count | None = None
     tools: list[dict[str, Any]] | None = None
+    logprobs: Flag | None = None
+    top_logprobs: Count | None = None
 
     def num_predict(self) -> int | None:
         if self.max_completion_tokens is not None:  # max_tokens is deprecated for chat
             return self.max_completion_tokens
         return self.max_tokens
+
+    def top_logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionBody(_Body):
@@ -95,6 +108,10 @@ class CompletionBody(_Body):
     echo: Flag = False
     suffix: str | None = None
     best_of: Int | None = None
+    logprobs: Count | None = None  # legacy: how many alternatives, 0 for the chosen alone
+
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
 
 
 class EmbeddingsBody(BaseModel):
@@ -107,19 +124,56 @@ class EmbeddingsBody(BaseModel):
 
 
 def check_unsupported(body: _Body) -> None:
-    if body.n not in (None, 1):
-        raise InvalidRequestError(f"n={body.n} is not supported: only one choice per request")
-    if body.logprobs:
-        raise InvalidRequestError("logprobs are not supported")
-    if body.logit_bias:
-        raise InvalidRequestError("logit_bias is not supported")
+    if body.n is not None and not 1 <= body.n <= MAX_CHOICES:
+        raise InvalidRequestError(f"n must be in [1, {MAX_CHOICES}], got {body.n}")
+    if isinstance(body, ChatBody) and body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequestError("top_logprobs requires logprobs: true")
+    top = body.top_logprobs_count()
+    if top is not None and top > MAX_LOGPROBS:
+        field = "top_logprobs" if isinstance(body, ChatBody) else "logprobs"
+        raise InvalidRequestError(f"{field} must be at most {MAX_LOGPROBS}, got {top}")
     if isinstance(body, CompletionBody):
-        if body.echo:
-            raise InvalidRequestError("echo is not supported")
         if body.suffix:
-            raise InvalidRequestError("suffix (insert) is not supported")
-        if body.best_of not in (None, 1):
-            raise InvalidRequestError("best_of is not supported")
+            raise InvalidRequestError(
+                f"model '{body.model}' does not support insert (suffix): its template has"
+                " no fill-in-the-middle"
+            )
+        if body.best_of not in (None, 1, body.n):
+            raise InvalidRequestError("best_of other than n is not supported")
+    logit_bias(body)
+
+
+def logit_bias(body: _Body) -> dict[int, float]:
+    """OpenAI's logit_bias keys are token ids as strings; values are checked with the rest
+    of the sampling parameters."""
+    out: dict[int, float] = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit():
+            raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidRequestError(f"logit_bias[{key!r}] must be a number, got {value!r}")
+        out[int(key)] = float(value)
+    return out
+
+
+def refine(body: _Body, prepared: prompts.Prepared) -> None:
+    """The sampling fields Ollama's options do not carry, set on the prepared request."""
+    prepared.options.params = with_params(
+        prepared.options.params,
+        logit_bias=logit_bias(body),
+        logprobs=body.top_logprobs_count(),
+        ignore_eos=body.ignore_eos,
+    )
+
+
+def shape_of(body: _Body, prepared: prompts.Prepared, chat: bool) -> choices.Shape:
+    echo = isinstance(body, CompletionBody) and body.echo
+    return choices.Shape(
+        chat,
+        n=body.n or 1,
+        top=body.top_logprobs_count(),
+        echo=completion_prompt(body.prompt) if echo else "",  # type: ignore[attr-defined]
+    )
 
 
 def request_grammar(body: _Body) -> Grammar | None:
@@ -181,44 +235,45 @@ async def load(request: Request, model: str) -> Loaded:
     return loaded
 
 
-def finish_reason(out: RequestOutput) -> str:
-    return "length" if out.finish_reason == "length" else "stop"
-
-
-def usage(out: RequestOutput) -> dict[str, Any]:
-    completion = len(out.token_ids)
-    return {
-        "prompt_tokens": out.prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": out.prompt_tokens + completion,
-        "prompt_tokens_details": {"cached_tokens": out.cached_tokens},
-    }
-
-
 def sse(doc: dict[str, Any] | str) -> bytes:
     return f"data: {doc if isinstance(doc, str) else json.dumps(doc)}\n\n".encode()
 
 
-async def prime(stream: AsyncGenerator[Event | RequestOutput, None]) -> list[Event | RequestOutput]:
-    """Read up to the first text (or the end) so that early failures are still HTTP errors."""
-    buffered: list[Event | RequestOutput] = []
+async def prime(
+    stream: AsyncIterator[tuple[int, Event | RequestOutput]],
+) -> list[tuple[int, Event | RequestOutput]]:
+    """Read up to the first text (or an end) so that early failures are still HTTP errors."""
+    buffered: list[tuple[int, Event | RequestOutput]] = []
     try:
-        async for item in stream:
-            buffered.append(item)
+        async for index, item in stream:
+            buffered.append((index, item))
             if isinstance(item, RequestOutput):
                 service.raise_for(item)
                 break
             if item.text:
                 break
     except BaseException:
-        await stream.aclose()  # runs Running.events' finally: cancel, count out
+        await stream.aclose()  # type: ignore[attr-defined]
         raise
     return buffered
 
 
+def error_event(error: Exception) -> bytes:
+    # The 200 and its headers are gone: the error travels in-band, which the official
+    # clients raise as an APIError.
+    status = status_of(error)
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return sse({"error": {"message": str(error), "type": kind, "param": None, "code": None}})
+
+
 async def respond(
-    request: Request, body: _Body, loaded: Loaded, prepared: prompts.Prepared, chat: bool
+    request: Request,
+    body: _Body,
+    loaded: Loaded,
+    prepared: prompts.Prepared,
+    shape: choices.Shape,
 ) -> Any:
+    chat = shape.chat
     head = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion" if chat else "text_completion",
@@ -226,56 +281,75 @@ async def respond(
         "model": body.model,
     }
     extra = {"truncated": prepared.truncated} if prepared.truncated else {}
+    if shape.echo and shape.top is not None:
+        shape.echo_logprobs = await choices.echo_rows(request, loaded, prepared, shape.top)
+    each = [choices.choice_prepared(prepared, i) for i in range(shape.n)]
+    fmt = choices.Formatter(loaded, shape)
 
     if not body.stream:
-        out = await service.complete(request, loaded, prepared)
-        service.raise_for(out)
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason(out)}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": out.text}
-        else:
-            choice["text"] = out.text
-        return JSONResponse({**head, "choices": [choice], "usage": usage(out), **extra})
+        outs = await asyncio.gather(*(service.complete(request, loaded, p) for p in each))
+        for out in outs:
+            service.raise_for(out)
+        picked = [fmt.whole(i, out) for i, out in enumerate(outs)]
+        return JSONResponse({**head, "choices": picked, "usage": choices.usage(outs), **extra})
 
     head["object"] += ".chunk" if chat else ""  # legacy completions chunks keep their name
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    # per choice: logprobs not yet sent, tokens seen, characters sent (legacy text_offset)
+    pending: list[list[Logprob]] = [[] for _ in each]
+    tokens, offsets = [0] * shape.n, [0] * shape.n
+    started: set[int] = set()
+    finals: dict[int, RequestOutput] = {}
 
-    def chunk(text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+    def chunk(index: int, text: str | None, finish: str | None = None) -> dict[str, Any]:
+        first = index not in started
+        started.add(index)
+        if not chat and first and shape.echo:
+            text = shape.echo + (text or "")
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish}
+        choice["logprobs"] = fmt.logprobs(pending[index], offsets[index], first)
+        pending[index] = []
         if chat:
-            delta = {} if text is None else {"content": text}
-            choice["delta"] = {"role": "assistant", **delta} if role else delta
+            choice["delta"] = {} if text is None else {"content": text}
         else:
             choice["text"] = text or ""
+        offsets[index] += len(text or "")
         return {**head, "choices": [choice]}
 
-    def lines(item: Event | RequestOutput) -> list[bytes]:
+    def lines(index: int, item: Event | RequestOutput) -> list[bytes]:
         if isinstance(item, Event):
-            return [sse(chunk(item.text))] if item.text else []
+            if item.token_id is not None:  # the engine is ahead: count, don't measure
+                tokens[index] += 1
+                if shape.top is not None:
+                    pending[index].append(item.seq.logprobs[tokens[index] - 1])
+            return [sse(chunk(index, item.text))] if item.text else []
         if item.error is not None and item.finish_reason == "error":
-            # The 200 and its headers are gone: the error travels in-band, which the
-            # official clients raise as an APIError.
-            status = status_of(item.error)
-            kind = "server_error" if status >= 500 else "invalid_request_error"
-            error = {"message": str(item.error), "type": kind, "param": None, "code": None}
-            return [sse({"error": error})]
-        out = [sse({**chunk(None, finish_reason(item)), **extra})]
+            return [error_event(item.error)]
+        finals[index] = item
+        out = [sse({**chunk(index, None, choices.finish_reason(item)), **extra})]
+        if len(finals) < shape.n:
+            return out
         if include_usage:
-            out.append(sse({**head, "choices": [], "usage": usage(item)}))
+            usage = choices.usage([finals[i] for i in range(shape.n)])
+            out.append(sse({**head, "choices": [], "usage": usage}))
         return [*out, sse("[DONE]")]
 
-    stream = service.start(request, loaded, prepared).events()
+    streams = [service.start(request, loaded, p).events() for p in each]
+    stream = choices.merged(streams)
     buffered = await prime(stream)
 
     async def events() -> AsyncIterator[bytes]:
-        async with aclosing(stream):  # a disconnect closes the run, which cancels the request
+        async with aclosing(stream):  # a disconnect closes the runs, which cancels them
             if chat:
-                yield sse(chunk("", role=True))
-            for item in buffered:
-                for line in lines(item):
+                for i in range(shape.n):
+                    role = {"role": "assistant", "content": ""}
+                    choice = {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
+                    yield sse({**head, "choices": [choice]})
+            for index, item in buffered:
+                for line in lines(index, item):
                     yield line
-            async for item in stream:
-                for line in lines(item):
+            async for index, item in stream:
+                for line in lines(index, item):
                     yield line
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -299,7 +373,8 @@ async def chat_completions(body: ChatBody, request: Request) -> Any:
         request_id.get(),
     )
     await constraints.constrain(loaded, prepared, grammar)
-    return await respond(request, body, loaded, prepared, chat=True)
+    refine(body, prepared)
+    return await respond(request, body, loaded, prepared, shape_of(body, prepared, chat=True))
 
 
 @router.post("/v1/completions", responses=STREAMED)
@@ -319,7 +394,8 @@ async def completions(body: CompletionBody, request: Request) -> Any:
         request_id.get(),
     )
     await constraints.constrain(loaded, prepared, grammar)
-    return await respond(request, body, loaded, prepared, chat=False)
+    refine(body, prepared)
+    return await respond(request, body, loaded, prepared, shape_of(body, prepared, chat=False))
 
 
 def completion_prompt(value: Any) -> str:

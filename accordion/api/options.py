@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,3 +116,11 @@ def to_request_options(options: dict[str, Any]) -> RequestOptions:
         raise InvalidRequestError(str(e)) from None
     params.num_keep = max(0, options.get("num_keep", 0))
     return RequestOptions(params, num_ctx, params.num_keep, options)
+
+
+def with_params(params: SamplingParams, **fields: Any) -> SamplingParams:
+    """A copy with `fields` changed, checked as the constructor checks them (400s)."""
+    try:
+        return dataclasses.replace(params, **fields)
+    except ValueError as e:
+        raise InvalidRequestError(str(e)) from None

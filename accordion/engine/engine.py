@@ -26,7 +26,7 @@ import torch
 
 from accordion.engine.request import Event, RequestHandle
 from accordion.engine.runner import run
-from accordion.engine.sampler import new_generator, sample_one
+from accordion.engine.sampler import adjust, choose, logprob_of, new_generator
 from accordion.engine.scheduler import Scheduler
 from accordion.engine.sequence import Sequence
 from accordion.engine.stops import StopStrings
@@ -94,6 +94,9 @@ class Engine:
             raise InvalidRequestError(
                 f"prompt has {len(prompt_ids)} tokens but the context limit is {limit}"
             )
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in params.logit_bias):
+            raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab})")
         seq = Sequence(list(prompt_ids), params, limit, new_generator(params.seed))
         # compiled here, so a bad grammar fails the call; callers on an event loop
         # compile first in a worker (`grammars.compile`), leaving a cache hit for this
@@ -223,12 +226,15 @@ class Engine:
         constraint = self._constraints.get(seq.id)
         if constraint is not None:
             logits = constraint.mask(logits)
-        token = sample_one(logits, p, seq.token_ids, seq.generator)
+        logits = adjust(logits, p, seq.token_ids)
+        token = choose(logits, p, seq.generator)
         seq.first_token = seq.first_token or time.perf_counter()
         if token in self.model.tokenizer.eog_ids and not p.ignore_eos:
             return self._end(seq, "stop", "")
         if constraint is not None:
             constraint.advance(token)
+        if p.logprobs is not None:
+            seq.logprobs.append(logprob_of(logits, token, p.logprobs))
         seq.token_ids.append(token)
         seq.generated.append(token)
         self.tokens_generated += 1

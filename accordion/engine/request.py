@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from accordion.engine.sequence import Sequence
+from accordion.engine.sequence import Logprob, Sequence
 
 if TYPE_CHECKING:
     from accordion.engine.engine import Engine
@@ -37,6 +37,7 @@ class RequestOutput:
     preemptions: int
     timings: dict[str, float] = field(default_factory=dict)
     error: Exception | None = None
+    logprobs: list[Logprob] = field(default_factory=list)  # per output token, when asked
 
 
 def output_of(seq: Sequence) -> RequestOutput:
@@ -52,6 +53,7 @@ def output_of(seq: Sequence) -> RequestOutput:
         preemptions=seq.preemptions,
         timings=seq.timings(),
         error=seq.error,
+        logprobs=list(seq.logprobs),
     )
 
 

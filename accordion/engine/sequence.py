@@ -21,6 +21,15 @@ class Status(enum.Enum):
 
 
 @dataclass
+class Logprob:
+    """One position's log-probabilities: the chosen token's and the most likely ones."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+@dataclass
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
@@ -35,6 +44,7 @@ class Sequence:
     finish_reason: str | None = None
     error: Exception | None = None
     text: str = ""  # output text emitted so far (stop strings removed)
+    logprobs: list[Logprob] = field(default_factory=list)  # one per output token, if asked
     cancelled: bool = False
     # accounting
     cached_tokens: int = 0  # prompt tokens served from the prefix cache on admission

@@ -16,6 +16,7 @@ we keep beside it. A cached open only parses those two files.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -114,6 +115,7 @@ class TokenizerInfo:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 class Tokenizer:
@@ -167,6 +169,20 @@ class Tokenizer:
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self.info.special_ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a piece of a character, for some): what
+        logprobs report as `bytes`. Special tokens are their own spelling."""
+        text = self.token_text(token_id)
+        if self.is_special(token_id):
+            return text.encode()
+        if self.info.model == "gpt2":
+            chars = _char_to_byte()
+            if all(c in chars for c in text):
+                return bytes(chars[c] for c in text)
+            return text.encode()
+        byte = _BYTE_TOKEN.fullmatch(text)
+        return bytes([int(byte.group(1), 16)]) if byte else text.replace("▁", " ").encode()
 
 
 def _read_info(cache_dir: Path) -> TokenizerInfo | None:
@@ -272,6 +288,11 @@ def _byte_to_char() -> dict[int, str]:
     kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     moved = [b for b in range(256) if b not in kept]
     return {**{b: chr(b) for b in kept}, **{b: chr(256 + n) for n, b in enumerate(moved)}}
+
+
+@functools.cache
+def _char_to_byte() -> dict[str, int]:
+    return {c: b for b, c in _byte_to_char().items()}
 
 
 def _byte_level(gf: GGUFFile, tokens: list[str], types: list[int]) -> tuple[Backend, list[str]]:

@@ -182,10 +182,13 @@ class Decoder(torch.nn.Module):
 
     def forward(self, batch: ForwardBatch, kv: PagedKV) -> torch.Tensor:
         """Next-token logits (float32) for batch.sample_rows."""
-        h = self.out_norm(self.residual(batch, kv)[batch.sample_rows])
-        logits = self.lm_head(h)
+        return self.logits(self.out_norm(self.residual(batch, kv)[batch.sample_rows]))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (float32) of final-normed hidden states [n, hidden]."""
+        logits = self.lm_head(hidden)
         if self.exact_head is not None:
-            rescore(logits, h, self.exact_head)
+            rescore(logits, hidden, self.exact_head)
         return logits
 
     def residual(self, batch: ForwardBatch, kv: PagedKV) -> torch.Tensor:

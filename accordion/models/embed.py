@@ -9,7 +9,7 @@ from accordion.models.attention import AttentionBatch, SeqSlice
 from accordion.models.decoder import Decoder, ForwardBatch
 
 
-class _ScratchKV:
+class ScratchKV:
     """A throwaway contiguous cache: one block holds the whole input."""
 
     def __init__(self, decoder: Decoder, n: int) -> None:
@@ -26,7 +26,8 @@ class _ScratchKV:
 
 
 @torch.inference_mode()
-def embed(decoder: Decoder, ids: list[int]) -> list[float]:
+def final_hidden(decoder: Decoder, ids: list[int]) -> torch.Tensor:
+    """Final-normed hidden states [n, hidden] of the tokens, in a cache of their own."""
     n = len(ids)
     batch = ForwardBatch(
         tokens=torch.tensor(ids),
@@ -34,5 +35,9 @@ def embed(decoder: Decoder, ids: list[int]) -> list[float]:
         attn=[AttentionBatch(torch.arange(n), [SeqSlice(0, n, n, [0])], n)],
         sample_rows=torch.empty(0, dtype=torch.long),
     )
-    h = decoder.hidden_states(batch, _ScratchKV(decoder, n))
-    return F.normalize(h.mean(dim=0), dim=0).tolist()
+    return decoder.hidden_states(batch, ScratchKV(decoder, n))
+
+
+@torch.inference_mode()
+def embed(decoder: Decoder, ids: list[int]) -> list[float]:
+    return F.normalize(final_hidden(decoder, ids).mean(dim=0), dim=0).tolist()
