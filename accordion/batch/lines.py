@@ -19,14 +19,14 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from accordion.api import openai
+from accordion.api import openai_bodies
 from accordion.errors import InvalidRequestError
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
 BODIES: dict[str, type[BaseModel]] = {
-    CHAT: openai.ChatBody,
-    COMPLETIONS: openai.CompletionBody,
-    EMBEDDINGS: openai.EmbeddingsBody,
+    CHAT: openai_bodies.ChatBody,
+    COMPLETIONS: openai_bodies.CompletionBody,
+    EMBEDDINGS: openai_bodies.EmbeddingsBody,
 }
 FULL_KEYS = {"custom_id", "method", "url", "body"}
 MAX_ID = 512  # characters of a custom_id
@@ -149,20 +149,20 @@ def check(url: str, body: dict[str, Any]) -> None:
         raise InvalidRequestError("no model: give the body a model or the job --model")
     parsed = BODIES[url].model_validate(body)
     if url == EMBEDDINGS:
-        assert isinstance(parsed, openai.EmbeddingsBody)
-        openai.embedding_texts(parsed.input)
+        assert isinstance(parsed, openai_bodies.EmbeddingsBody)
+        openai_bodies.embedding_texts(parsed.input)
         if parsed.encoding_format not in ("float", "base64"):
             raise InvalidRequestError("encoding_format must be 'float' or 'base64'")
         return
-    assert isinstance(parsed, openai.ChatBody | openai.CompletionBody)
+    assert isinstance(parsed, openai_bodies.ChatBody | openai_bodies.CompletionBody)
     if parsed.stream:
         raise InvalidRequestError("stream is not supported in a batch: each result is one body")
-    openai.check_unsupported(parsed)
-    openai.request_grammar(parsed)
-    if isinstance(parsed, openai.ChatBody):
-        openai.chat_messages(parsed.messages)
+    openai_bodies.check_unsupported(parsed)
+    openai_bodies.request_grammar(parsed)
+    if isinstance(parsed, openai_bodies.ChatBody):
+        openai_bodies.chat_messages(parsed.messages)
     else:
-        openai.completion_prompt(parsed.prompt)
+        openai_bodies.completion_prompt(parsed.prompt)
 
 
 def _message(error: Exception) -> str:
