@@ -29,6 +29,7 @@ class TinySpec:
     embed_quant: Q = Q.F32  # type of token_embd (real files quantize it like the rest)
     # per-tensor types by name ending, e.g. Q4_K_M's (("attn_v.weight", Q.Q6_K), ...)
     overrides: tuple[tuple[str, Q], ...] = ()
+    chat_template: str = ""  # tokenizer.chat_template, if any
 
 
 K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -106,6 +107,8 @@ def write_tiny(path: Path, spec: TinySpec) -> Path:
     w.add_bos_token_id(vocab - 3)
     w.add_eos_token_id(vocab - 1)
     w.add_add_bos_token(False)
+    if spec.chat_template:
+        w.add_chat_template(spec.chat_template)
 
     def big(name: str, rows: int, cols: int, scale: float = 0.08) -> None:
         qtype = next((t for end, t in spec.overrides if name.endswith(end)), spec.quant)

@@ -19,6 +19,7 @@ from fastapi import Request
 
 from accordion.api import logprobs, service
 from accordion.api.prompts import Prepared
+from accordion.api.tools import ToolPlan, openai_calls
 from accordion.engine.request import Event, RequestOutput
 from accordion.engine.score import prompt_logprobs
 from accordion.engine.sequence import Logprob
@@ -36,6 +37,7 @@ class Shape:
     top: int | None = None  # logprobs asked for, with this many alternatives
     echo: str = ""  # completions: the prompt text the output starts with
     echo_logprobs: list[tuple[int, Logprob | None]] = field(default_factory=list)
+    tools: ToolPlan | None = None  # chat: parse the output's tool calls
 
 
 def choice_prepared(prepared: Prepared, index: int) -> Prepared:
@@ -97,11 +99,80 @@ class Formatter:
 
     def whole(self, index: int, out: RequestOutput) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index, "finish_reason": finish_reason(out)}
-        if self.shape.chat:
+        parser = self.shape.tools.parser() if self.shape.tools else None
+        if parser is not None:
+            content, calls = parser.feed(out.text)
+            rest, more = parser.finish()
+            content, calls = content + rest, calls + more
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["content"] = content if content.strip() else None
+                message["tool_calls"] = openai_calls(calls)
+                choice["finish_reason"] = "tool_calls"
+            choice["message"] = message
+        elif self.shape.chat:
             choice["message"] = {"role": "assistant", "content": out.text}
         else:
             choice["text"] = self.shape.echo + out.text
         choice["logprobs"] = self.logprobs(out.logprobs, 0, first=True)
+        return choice
+
+
+class StreamedChoice:
+    """One choice of a stream: its chunks' payloads as its events arrive."""
+
+    def __init__(self, index: int, fmt: Formatter) -> None:
+        self.index, self.fmt, self.shape = index, fmt, fmt.shape
+        self.pending: list[Logprob] = []  # logprobs of tokens not yet sent
+        self.tokens = 0  # tokens seen: the engine may be ahead, so count, don't measure
+        self.offset = 0  # characters sent (legacy text_offset)
+        self.started = False
+        self.parser = self.shape.tools.parser() if self.shape.tools else None
+        self.calls = 0
+
+    def event(self, event: Event) -> list[dict[str, Any]]:
+        if event.token_id is not None:
+            self.tokens += 1
+            if self.shape.top is not None:
+                self.pending.append(event.seq.logprobs[self.tokens - 1])
+        if not event.text:
+            return []
+        if self.parser is None:
+            return [self.content(event.text)]
+        return self.parsed(*self.parser.feed(event.text))
+
+    def end(self, out: RequestOutput) -> list[dict[str, Any]]:
+        pieces = self.parsed(*self.parser.finish()) if self.parser is not None else []
+        reason = "tool_calls" if self.calls else finish_reason(out)
+        return [*pieces, self.content(None, reason)]
+
+    def parsed(self, content: str, calls: list) -> list[dict[str, Any]]:
+        out = [self.content(content)] if content else []
+        if calls:
+            deltas = [{"index": self.calls + k, **c} for k, c in enumerate(openai_calls(calls))]
+            self.calls += len(calls)
+            out.append(self.choice({"tool_calls": deltas}))
+        return out
+
+    def content(self, text: str | None, finish: str | None = None) -> dict[str, Any]:
+        first = not self.started
+        self.started = True
+        if not self.shape.chat and first and self.shape.echo:
+            text = self.shape.echo + (text or "")
+        choice = self.choice({} if text is None else {"content": text}, finish, first)
+        self.offset += len(text or "")
+        return choice
+
+    def choice(
+        self, delta: dict[str, Any], finish: str | None = None, first: bool = False
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": self.index, "finish_reason": finish}
+        choice["logprobs"] = self.fmt.logprobs(self.pending, self.offset, first)
+        self.pending = []
+        if self.shape.chat:
+            choice["delta"] = delta
+        else:
+            choice["text"] = delta.get("content") or ""
         return choice
 
 

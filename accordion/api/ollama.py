@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,16 +12,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from accordion.api import constraints, logprobs, prompts, service
+from accordion.api import constraints, logprobs, prompts, service, tools
 from accordion.api.app import streamed
 from accordion.api.guard import request_id
 from accordion.api.options import with_params
+from accordion.api.tools import ollama_calls
 from accordion.engine.request import Event, RequestOutput
 from accordion.engine.sequence import Logprob
 from accordion.errors import InvalidRequestError
 from accordion.sampling_params import MAX_LOGPROBS
 from accordion.server.durations import parse_keep_alive
 from accordion.server.manager import Loaded
+from accordion.structured.tools import ToolCall, ToolParser
 
 router = APIRouter()
 NDJSON = "application/x-ndjson"
@@ -116,8 +118,11 @@ async def respond(
     prepared: prompts.Prepared,
     piece: Any,
     start: float,
+    parser: ToolParser | None = None,
 ) -> Any:
-    """Stream NDJSON chunks (or one object); `piece(text)` shapes a chunk's payload."""
+    """Stream NDJSON chunks (or one object); `piece(text)` shapes a chunk's payload.
+    With a tool parser (chat with tools), text inside a call is held back and each call
+    comes whole in a chunk of its own, as `message.tool_calls`."""
     head = {"model": body.model}
 
     tokenizer = loaded.model.tokenizer
@@ -141,10 +146,28 @@ async def respond(
             doc["truncated"] = prepared.truncated
         return with_logprobs(doc, entries)
 
+    def with_calls(doc: dict[str, Any], calls: list[ToolCall]) -> dict[str, Any]:
+        if calls:
+            doc["message"]["tool_calls"] = ollama_calls(calls)
+        return doc
+
     if not body.stream:
         out = await service.complete(request, loaded, prepared)
         service.raise_for(out)
-        return JSONResponse(final(out, out.text, out.logprobs))
+        if parser is None:
+            return JSONResponse(final(out, out.text, out.logprobs))
+        content, calls = parser.feed(out.text)
+        rest, more = parser.finish()
+        return JSONResponse(with_calls(final(out, content + rest, out.logprobs), calls + more))
+
+    def chunks(text: str, calls: list[ToolCall]) -> Iterator[bytes]:
+        pieces = [(text, [])] if text else []
+        pieces += [("", [call]) for call in calls]  # each call whole, in a chunk of its own
+        for content, called in pieces:
+            chunk = {**head, "created_at": now(), **piece(content), "done": False}
+            doc = with_calls(with_logprobs(chunk, pending), called)
+            pending.clear()
+            yield (json.dumps(doc) + "\n").encode()
 
     running = service.start(request, loaded, prepared)  # a full queue: 503, not an empty 200
 
@@ -157,12 +180,14 @@ async def respond(
                         pending.append(item.seq.logprobs[seen])
                     seen += 1
                 if item.text:
-                    chunk = {**head, "created_at": now(), **piece(item.text), "done": False}
-                    yield (json.dumps(with_logprobs(chunk, pending)) + "\n").encode()
-                    pending.clear()
+                    text, calls = parser.feed(item.text) if parser else (item.text, [])
+                    for line in chunks(text, calls):
+                        yield line
             elif item.error is not None and item.finish_reason == "error":
                 yield (json.dumps({"error": str(item.error)}) + "\n").encode()
             else:
+                for line in chunks(*parser.finish()) if parser else ():
+                    yield line
                 yield (json.dumps(final(item, "", pending)) + "\n").encode()
 
     return StreamingResponse(lines(), media_type=NDJSON)
@@ -226,13 +251,12 @@ async def chat(body: ChatBody, request: Request) -> Any:
     grammar = constraints.from_ollama(body.format)
     loaded, load_s = await load(request, body)
     check_unsupported(body, [i for m in body.messages for i in (m.images or [])])
-    if body.tools and not loaded.model.template.supports_tools:
-        raise InvalidRequestError(f"model '{body.model}' does not support tools")
+    plan = tools.plan(loaded, body.model, body.tools)
     rid = request_id.get()
 
     def prepare() -> prompts.Prepared:  # dumping 20k messages takes long: not on the loop
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        return prompts.prepare_chat(loaded, messages, body.options, body.truncate, body.tools, rid)
+        return prompts.prepare_chat(loaded, messages, body.options, body.truncate, plan.tools, rid)
 
     prepared = await prompts.in_worker(prepare)
     prepared.options.params = with_params(
@@ -247,6 +271,7 @@ async def chat(body: ChatBody, request: Request) -> Any:
         prepared,
         lambda text: {"message": {"role": "assistant", "content": text}},
         start,
+        plan.parser(),
     )
 
 

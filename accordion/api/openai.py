@@ -23,7 +23,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from accordion.api import choices, constraints, prompts, service
+from accordion.api import choices, constraints, prompts, service, tools
 from accordion.api.app import status_of, streamed
 from accordion.api.guard import request_id
 from accordion.api.openai_bodies import (
@@ -41,7 +41,6 @@ from accordion.api.openai_bodies import (
     shape_of,
 )
 from accordion.engine.request import Event, RequestOutput
-from accordion.engine.sequence import Logprob
 from accordion.errors import InvalidRequestError
 from accordion.server.manager import Loaded
 from accordion.server.store import ModelEntry
@@ -116,38 +115,18 @@ async def respond(
 
     head["object"] += ".chunk" if chat else ""  # legacy completions chunks keep their name
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    # per choice: logprobs not yet sent, tokens seen, characters sent (legacy text_offset)
-    pending: list[list[Logprob]] = [[] for _ in each]
-    tokens, offsets = [0] * shape.n, [0] * shape.n
-    started: set[int] = set()
+    streamed = [choices.StreamedChoice(i, fmt) for i in range(shape.n)]
     finals: dict[int, RequestOutput] = {}
-
-    def chunk(index: int, text: str | None, finish: str | None = None) -> dict[str, Any]:
-        first = index not in started
-        started.add(index)
-        if not chat and first and shape.echo:
-            text = shape.echo + (text or "")
-        choice: dict[str, Any] = {"index": index, "finish_reason": finish}
-        choice["logprobs"] = fmt.logprobs(pending[index], offsets[index], first)
-        pending[index] = []
-        if chat:
-            choice["delta"] = {} if text is None else {"content": text}
-        else:
-            choice["text"] = text or ""
-        offsets[index] += len(text or "")
-        return {**head, "choices": [choice]}
 
     def lines(index: int, item: Event | RequestOutput) -> list[bytes]:
         if isinstance(item, Event):
-            if item.token_id is not None:  # the engine is ahead: count, don't measure
-                tokens[index] += 1
-                if shape.top is not None:
-                    pending[index].append(item.seq.logprobs[tokens[index] - 1])
-            return [sse(chunk(index, item.text))] if item.text else []
+            return [sse({**head, "choices": [c]}) for c in streamed[index].event(item)]
         if item.error is not None and item.finish_reason == "error":
             return [error_event(item.error)]
         finals[index] = item
-        out = [sse({**chunk(index, None, choices.finish_reason(item)), **extra})]
+        pieces = streamed[index].end(item)
+        out = [sse({**head, "choices": [c]}) for c in pieces[:-1]]
+        out.append(sse({**head, "choices": [pieces[-1]], **extra}))
         if len(finals) < shape.n:
             return out
         if include_usage:
@@ -182,20 +161,20 @@ async def chat_completions(body: ChatBody, request: Request) -> Any:
     grammar = request_grammar(body)
     messages = chat_messages(body.messages)  # before loading: a bad request costs nothing
     loaded = await load(request, body.model)
-    if body.tools and not loaded.model.template.supports_tools:
-        raise InvalidRequestError(f"model '{body.model}' does not support tools")
+    plan = tools.plan(loaded, body.model, body.tools, body.tool_choice, body.parallel_tool_calls)
+    grammar = constraints.one_of(("the response format", grammar), ("tool_choice", plan.grammar))
     prepared = await prompts.in_worker(
         prompts.prepare_chat,
         loaded,
         messages,
         ollama_options(body),
         body.truncate,
-        body.tools or None,
+        plan.tools,
         request_id.get(),
     )
     await constraints.constrain(loaded, prepared, grammar)
     refine(body, prepared)
-    return await respond(request, body, loaded, prepared, shape_of(body, prepared, chat=True))
+    return await respond(request, body, loaded, prepared, shape_of(body, chat=True, plan=plan))
 
 
 @router.post("/v1/completions", responses=STREAMED)
@@ -216,7 +195,7 @@ async def completions(body: CompletionBody, request: Request) -> Any:
     )
     await constraints.constrain(loaded, prepared, grammar)
     refine(body, prepared)
-    return await respond(request, body, loaded, prepared, shape_of(body, prepared, chat=False))
+    return await respond(request, body, loaded, prepared, shape_of(body, chat=False))
 
 
 @router.post("/v1/embeddings")

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from accordion.api import choices, constraints, prompts
+from accordion.api import choices, constraints, prompts, tools
 from accordion.api.options import with_params
 from accordion.errors import InvalidRequestError
 from accordion.sampling_params import MAX_LOGPROBS
@@ -70,6 +70,8 @@ class ChatBody(GenerationBody):
     messages: list[dict[str, Any]]
     max_completion_tokens: Count | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: Flag | None = None
     logprobs: Flag | None = None
     top_logprobs: Count | None = None
 
@@ -105,8 +107,11 @@ class EmbeddingsBody(BaseModel):
 def check_unsupported(body: GenerationBody) -> None:
     if body.n is not None and not 1 <= body.n <= MAX_CHOICES:
         raise InvalidRequestError(f"n must be in [1, {MAX_CHOICES}], got {body.n}")
-    if isinstance(body, ChatBody) and body.top_logprobs is not None and not body.logprobs:
-        raise InvalidRequestError("top_logprobs requires logprobs: true")
+    if isinstance(body, ChatBody):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs: true")
+        tools.check_tools(body.tools)
+        tools.forced_name(body.tool_choice, body.tools)
     top = body.top_logprobs_count()
     if top is not None and top > MAX_LOGPROBS:
         field = "top_logprobs" if isinstance(body, ChatBody) else "logprobs"
@@ -145,13 +150,14 @@ def refine(body: GenerationBody, prepared: prompts.Prepared) -> None:
     )
 
 
-def shape_of(body: GenerationBody, prepared: prompts.Prepared, chat: bool) -> choices.Shape:
+def shape_of(body: GenerationBody, chat: bool, plan: tools.ToolPlan | None = None) -> choices.Shape:
     echo = isinstance(body, CompletionBody) and body.echo
     return choices.Shape(
         chat,
         n=body.n or 1,
         top=body.top_logprobs_count(),
         echo=completion_prompt(body.prompt) if echo else "",  # type: ignore[attr-defined]
+        tools=plan,
     )
 
 

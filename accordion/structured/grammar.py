@@ -19,10 +19,10 @@ from accordion.errors import InvalidRequestError
 
 KINDS = ("json_schema", "regex", "choice", "lark")
 
-# Between JSON tokens: nothing, one space, or a newline and an indent of up to 20, as
-# llama.cpp's schema grammars allow. Unbounded whitespace lets a small model emit
+# Between JSON tokens: nothing, one space, or a newline and an indent of up to 16 (llama.cpp's
+# schema grammars allow 20). Unbounded whitespace lets a small model emit
 # blanks until max_tokens; this still admits compact and pretty-printed JSON.
-WHITESPACE = r"(?:\x20|\n[\x20\t]{0,20})?"
+WHITESPACE = r"(?:\x20|\n[\x20\t]{0,16})?"
 ANY_OBJECT = {"type": "object"}
 
 
