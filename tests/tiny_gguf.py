@@ -10,6 +10,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, quants
 
 Q = GGMLQuantizationType
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# A ChatML template that offers tools the Hermes / Qwen 2.5 way
+TOOLS_TEMPLATE = (Path(__file__).parent / "data" / "tools_template.jinja").read_text()
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ import re
 from pathlib import Path
 
 import jsonschema
+import openai
 import pytest
 import torch
+from live_server import LiveServer
 
 from accordion import LLM, SamplingParams
 from accordion.structured import Grammar, GrammarError
@@ -149,3 +151,21 @@ def test_compiled_grammars_are_cached_and_each_sequence_gets_its_own_state(
     assert a.finished and not b.finished  # b still starts from nothing
     with pytest.raises(RuntimeError, match="grammar"):
         b.advance(tiny_llm.tokenizer.encode("}", add_bos=False)[0])
+
+
+def test_openai_json_schema_strict_on_a_random_model_validates_every_time(
+    live: LiveServer, tool_model: Path
+) -> None:
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA, "strict": True}}
+    for seed in range(4):
+        done = client.chat.completions.create(
+            model=str(tool_model),
+            messages=[{"role": "user", "content": "A person, please."}],
+            response_format=fmt,  # type: ignore[arg-type]
+            seed=seed,
+            temperature=1.0,
+            max_tokens=400,
+        )
+        assert done.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(done.choices[0].message.content), SCHEMA)

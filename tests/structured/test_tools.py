@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -14,13 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from live_server import LiveServer
-from tiny_gguf import TinySpec, write_tiny
+from tiny_gguf import TOOLS_TEMPLATE as TEMPLATE
 
 from accordion import LLM, SamplingParams
 from accordion.loader.chat_template import ChatTemplate
 from accordion.structured.tools import ToolParser, call_grammar, tool_format
 
-TEMPLATE = (Path(__file__).parent.parent / "data" / "tools_template.jinja").read_text()
 WEATHER = {
     "type": "function",
     "function": {
@@ -117,12 +115,6 @@ def test_formats_come_from_the_template() -> None:
     assert tool_format("{% if tools %}{{ tools | tojson }}{% endif %}") == "json"
 
 
-@pytest.fixture(scope="module")
-def tool_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tools") / "tools.gguf"
-    return write_tiny(path, TinySpec(chat_template=TEMPLATE))
-
-
 def test_required_and_named_calls_are_valid_even_from_a_random_model(tool_model: Path) -> None:
     llm = LLM(str(tool_model), "fp32", kv_budget_bytes=64 << 20)
     prompt = llm.model.encode_chat(ASK, tools=TOOLS)
@@ -139,15 +131,6 @@ def test_required_and_named_calls_are_valid_even_from_a_random_model(tool_model:
                 assert name in (None, called)
                 jsonschema.validate(args, SCHEMAS[called])
     llm.close()
-
-
-@pytest.fixture(scope="module")
-def live(tool_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    server = LiveServer(
-        tmp_path_factory.mktemp("models"), env={"ACCORDION_ALLOW_PATHS": str(tool_model.parent)}
-    )
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
