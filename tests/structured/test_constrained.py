@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import jsonschema
+import ollama
 import openai
 import pytest
 import torch
@@ -153,15 +154,22 @@ def test_compiled_grammars_are_cached_and_each_sequence_gets_its_own_state(
         b.advance(tiny_llm.tokenizer.encode("}", add_bos=False)[0])
 
 
-def test_openai_json_schema_strict_on_a_random_model_validates_every_time(
+def test_a_random_model_through_both_apis_validates_every_time(
     live: LiveServer, tool_model: Path
 ) -> None:
+    ask = [{"role": "user", "content": "A person, please."}]
+    local = ollama.Client(host=live.url, timeout=120)
+    for seed in range(4):
+        options = {"seed": seed, "temperature": 1.0, "num_predict": 400}
+        reply = local.chat(str(tool_model), messages=ask, format=SCHEMA, options=options)
+        assert reply.done_reason == "stop"
+        jsonschema.validate(json.loads(reply.message.content), SCHEMA)
     client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0, timeout=120)
     fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA, "strict": True}}
     for seed in range(4):
         done = client.chat.completions.create(
             model=str(tool_model),
-            messages=[{"role": "user", "content": "A person, please."}],
+            messages=ask,  # type: ignore[arg-type]
             response_format=fmt,  # type: ignore[arg-type]
             seed=seed,
             temperature=1.0,
