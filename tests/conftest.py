@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from live_server import LiveServer
-from tiny_gguf import Q, TinySpec, write_tiny
+from tiny_gguf import TOOLS_TEMPLATE, Q, TinySpec, write_tiny
 
 from accordion.models.attention import AttentionBatch, SeqSlice
 from accordion.models.config import ModelConfig
@@ -101,3 +101,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 def contiguous_logits(decoder: Decoder, cfg: ModelConfig, ids: list[int]) -> torch.Tensor:
     """The unpaged reference: one block holding the whole sequence, one forward."""
     return paged_logits(decoder, cfg, ids, len(ids), [0], len(ids))
+
+
+@pytest.fixture(scope="session")
+def tool_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tools") / "tools.gguf"
+    return write_tiny(path, TinySpec(chat_template=TOOLS_TEMPLATE))
+
+
+@pytest.fixture(scope="session")
+def live(tool_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A server that may load the tiny model by its path."""
+    server = LiveServer(
+        tmp_path_factory.mktemp("models"), env={"ACCORDION_ALLOW_PATHS": str(tool_model.parent)}
+    )
+    yield server
+    server.stop()
