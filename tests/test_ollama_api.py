@@ -103,8 +103,8 @@ def test_create_show_copy_delete(client: ollama.Client) -> None:
     )
     assert status.status == "success"
     info = client.show("pirate")
-    assert "temperature 0" in info.parameters
-    assert "num_ctx 1024" in info.parameters
+    assert f"{'temperature':<30} 0" in info.parameters.splitlines()
+    assert f"{'num_ctx':<30} 1024" in info.parameters.splitlines()
     assert 'SYSTEM """You are a pirate."""' in info.modelfile
     assert "PARAMETER num_ctx 1024" in info.modelfile
     assert info.details.parent_model == MODEL

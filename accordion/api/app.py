@@ -76,8 +76,11 @@ def status_of(error: Exception) -> int:
     return 400 if isinstance(error, ValueError | AccordionError) else 500
 
 
-def error_response(request: Request, status: int, message: str) -> JSONResponse:
-    return JSONResponse(error_body(request.url.path, status, message), status_code=status)
+def error_response(
+    request: Request, status: int, message: str, code: str | None = None
+) -> JSONResponse:
+    body = error_body(request.url.path, status, message, code)
+    return JSONResponse(body, status_code=status)
 
 
 def create_app(manager: ModelManager, store: ModelStore, policy: Policy | None = None) -> FastAPI:
@@ -114,7 +117,8 @@ def create_app(manager: ModelManager, store: ModelStore, policy: Policy | None =
         log.info("request_id=%s status=%d error=%s", request_id.get(), status, exc)
         if isinstance(exc, InvalidModelFileError):  # the path is the server's business
             return error_response(request, status, f"invalid model file: {exc.reason}")
-        return error_response(request, status, str(exc))
+        code = "model_not_found" if isinstance(exc, ModelNotFoundError) else None
+        return error_response(request, status, str(exc), code)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -150,9 +154,10 @@ def create_app(manager: ModelManager, store: ModelStore, policy: Policy | None =
     async def version() -> dict:
         return {"version": __version__}
 
-    from accordion.api import ollama, openai, stats_routes, store_routes
+    from accordion.api import blobs, ollama, openai, stats_routes, store_routes
 
     app.include_router(ollama.router)
+    app.include_router(blobs.router)
     app.include_router(store_routes.router)
     app.include_router(openai.router)
     app.include_router(stats_routes.router)

@@ -55,10 +55,12 @@ async def echo_rows(
 ) -> list[tuple[int, Logprob | None]]:
     """The prompt's tokens with their teacher-forced logprobs; a BOS the tokenizer added
     is context, not text, so it is not listed."""
-    ids = prepared.ids
-    scored = await service.manager_of(request).on_main(
-        prompt_logprobs, loaded.model.decoder, ids, top
-    )
+    ids, manager = prepared.ids, service.manager_of(request)
+    manager.begin(loaded)  # in use, so it is not unloaded under us
+    try:
+        scored = await manager.on_main(prompt_logprobs, loaded.model.decoder, ids, top)
+    finally:
+        manager.end(loaded)
     rows: list[tuple[int, Logprob | None]] = [(ids[0], None)]
     rows += [(lp.token, lp) for lp in scored]
     bos = loaded.model.tokenizer.bos_id

@@ -43,11 +43,12 @@ class BodyTooLargeError(HTTPException):
         super().__init__(413, f"request body over {MAX_BODY} bytes")
 
 
-def error_body(path: str, status: int, message: str) -> dict[str, Any]:
-    """Ollama's {"error": "..."} under /api, OpenAI's error object under /v1."""
+def error_body(path: str, status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    """Ollama's {"error": "..."} under /api, OpenAI's error object under /v1 (its `code`:
+    model_not_found only for a model, not_found for a route: clients tell them apart)."""
     if path.startswith("/v1"):
         kind = "invalid_request_error" if status < 500 else "server_error"
-        code = {401: "invalid_api_key", 404: "model_not_found", 503: "server_busy"}.get(status)
+        code = code or {401: "invalid_api_key", 404: "not_found", 503: "server_busy"}.get(status)
         return {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return {"error": message}
 
@@ -106,7 +107,12 @@ class Guard:
             elif scope["method"] == "OPTIONS" and origin:
                 await _preflight(send_out, headers)
             else:
-                await self.app(_as_json(scope), _limited(receive), send_out)
+                blob = _is_blob(scope)  # a model file: any size, raw bytes
+                await self.app(
+                    scope if blob else _as_json(scope),
+                    receive if blob else _limited(receive),
+                    send_out,
+                )
         except Exception:
             log.exception("request_id=%s unhandled error", rid)
             if not started:
@@ -132,13 +138,19 @@ class Guard:
             return None  # a preflight carries no credentials
         if not self.policy.key_accepted(scope["path"], headers.get("authorization")):
             return 401, "missing or invalid API key", {"www-authenticate": "Bearer"}
-        if scope["method"] in ("POST", "PUT", "DELETE", "PATCH"):
+        if scope["method"] in ("POST", "PUT", "DELETE", "PATCH") and not _is_blob(scope):
             if not _json_type(headers.get("content-type", ""), origin is not None):
                 return 415, "request body must be JSON (Content-Type: application/json)", {}
             size = headers.get("content-length", "")
             if size.isdigit() and int(size) > MAX_BODY:
                 return 413, f"request body over {MAX_BODY} bytes", {}
         return None
+
+
+def _is_blob(scope: Scope) -> bool:
+    """POST /api/blobs/<digest> uploads a GGUF: bytes, gigabytes of them, hashed as they
+    arrive and kept only if the digest matches."""
+    return scope["method"] == "POST" and scope["path"].startswith("/api/blobs/")
 
 
 def _as_json(scope: Scope) -> Scope:

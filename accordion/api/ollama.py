@@ -40,6 +40,7 @@ class _Body(BaseModel):
     truncate: StrictBool = True
     shift: StrictBool = False
     format: str | dict[str, Any] | None = None
+    think: bool | str | None = None
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(default=None, strict=True, ge=0, le=MAX_LOGPROBS)
 
@@ -90,9 +91,17 @@ async def load(request: Request, body: _Body | EmbedBody) -> tuple[Loaded, float
     return await service.manager_of(request).get(body.model, keep_alive)
 
 
-def check_unsupported(body: _Body, images: list[str] | None) -> None:
+def check_unsupported(body: _Body, loaded: Loaded, images: list[str] | None) -> None:
     if images:
         raise InvalidRequestError(f"model '{body.model}' does not support images")
+    if body.think not in (None, False, ""):  # Ollama's answer for a model that cannot think
+        source = loaded.model.template.source
+        if "<think>" not in source and "enable_thinking" not in source:
+            raise InvalidRequestError(f"model '{body.model}' does not support thinking")
+        raise InvalidRequestError(
+            f"think is not supported yet: model '{body.model}' could think, but its"
+            " thinking is not separated from the answer"
+        )
 
 
 def stats(out: RequestOutput, load_s: float, start: float) -> dict[str, Any]:
@@ -119,6 +128,7 @@ async def respond(
     piece: Any,
     start: float,
     parser: ToolParser | None = None,
+    context: bool = False,
 ) -> Any:
     """Stream NDJSON chunks (or one object); `piece(text)` shapes a chunk's payload.
     With a tool parser (chat with tools), text inside a call is held back and each call
@@ -144,6 +154,8 @@ async def respond(
         }
         if prepared.truncated:
             doc["truncated"] = prepared.truncated
+        if context:  # the conversation's ids, for the next request's `context`
+            doc["context"] = prepared.ids + out.token_ids
         return with_logprobs(doc, entries)
 
     def with_calls(doc: dict[str, Any], calls: list[ToolCall]) -> dict[str, Any]:
@@ -215,9 +227,13 @@ async def generate(body: GenerateBody, request: Request) -> Any:
     loaded, load_s = await load(request, body)
     if not body.prompt and not body.suffix:
         return load_reply(body, request, loaded, chat=False)
-    check_unsupported(body, body.images)
+    check_unsupported(body, loaded, body.images)
     if body.suffix:
         raise InvalidRequestError(f"model '{body.model}' does not support insert (suffix)")
+    if body.template:
+        raise InvalidRequestError(
+            "a per-request template is not supported yet: create a model with TEMPLATE"
+        )
     prepared = await prompts.in_worker(
         prompts.prepare_generate,
         loaded,
@@ -227,13 +243,21 @@ async def generate(body: GenerateBody, request: Request) -> Any:
         body.raw,
         body.truncate,
         request_id.get(),
+        body.context,
     )
     prepared.options.params = with_params(
         prepared.options.params, shift=body.shift, logprobs=body.top()
     )
     await constraints.constrain(loaded, prepared, grammar)
     return await respond(
-        request, body, loaded, load_s, prepared, lambda text: {"response": text}, start
+        request,
+        body,
+        loaded,
+        load_s,
+        prepared,
+        lambda text: {"response": text},
+        start,
+        context=not body.raw,  # Ollama returns no context in raw mode
     )
 
 
@@ -250,7 +274,7 @@ async def chat(body: ChatBody, request: Request) -> Any:
     body.top()  # its 400 before the model loads
     grammar = constraints.from_ollama(body.format)
     loaded, load_s = await load(request, body)
-    check_unsupported(body, [i for m in body.messages for i in (m.images or [])])
+    check_unsupported(body, loaded, [i for m in body.messages for i in (m.images or [])])
     plan = tools.plan(loaded, body.model, body.tools)
     rid = request_id.get()
 

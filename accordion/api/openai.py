@@ -195,7 +195,9 @@ async def completions(body: CompletionBody, request: Request) -> Any:
     )
     await constraints.constrain(loaded, prepared, grammar)
     refine(body, prepared)
-    return await respond(request, body, loaded, prepared, shape_of(body, chat=False))
+    tokenizer = loaded.model.tokenizer
+    echo = "" if not body.echo else prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+    return await respond(request, body, loaded, prepared, shape_of(body, False, echo=echo))
 
 
 @router.post("/v1/embeddings")

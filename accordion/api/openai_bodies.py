@@ -150,15 +150,11 @@ def refine(body: GenerationBody, prepared: prompts.Prepared) -> None:
     )
 
 
-def shape_of(body: GenerationBody, chat: bool, plan: tools.ToolPlan | None = None) -> choices.Shape:
-    echo = isinstance(body, CompletionBody) and body.echo
-    return choices.Shape(
-        chat,
-        n=body.n or 1,
-        top=body.top_logprobs_count(),
-        echo=completion_prompt(body.prompt) if echo else "",  # type: ignore[attr-defined]
-        tools=plan,
-    )
+def shape_of(
+    body: GenerationBody, chat: bool, plan: tools.ToolPlan | None = None, echo: str = ""
+) -> choices.Shape:
+    """`echo`: the prompt's text, for completions that echo it."""
+    return choices.Shape(chat, n=body.n or 1, top=body.top_logprobs_count(), echo=echo, tools=plan)
 
 
 def request_grammar(body: GenerationBody) -> Grammar | None:
@@ -215,19 +211,33 @@ def _parsed_call(call: Any) -> Any:
     return call
 
 
-def completion_prompt(value: Any) -> str:
-    if isinstance(value, list) and len(value) == 1:
+def completion_prompt(value: Any) -> str | list[int]:
+    """One prompt: text, or token ids (as LangChain and harnesses send), alone or in a
+    list of one."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str | list):
         value = value[0]
-    if not isinstance(value, str):
-        raise InvalidRequestError("prompt must be a string (or a list of exactly one string)")
-    return value
-
-
-def embedding_texts(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(t, str) for t in value):
+    if isinstance(value, str) or _token_ids(value):
         return value
-    if isinstance(value, list) and value and all(isinstance(t, int | list) for t in value):
-        raise InvalidRequestError("token-id input is not supported: send text")
-    raise InvalidRequestError("input must be a string or a non-empty list of strings")
+    raise InvalidRequestError(
+        "prompt must be a string or a list of token ids (or a list of exactly one of them)"
+    )
+
+
+def embedding_texts(value: Any) -> list[str | list[int]]:
+    """Texts or token-id lists: a string, a list of ids, or a list of either."""
+    if isinstance(value, str) or _token_ids(value):
+        return [value]
+    each = isinstance(value, list) and all(isinstance(t, str) or _token_ids(t) for t in value)
+    if each and value:
+        return value
+    raise InvalidRequestError(
+        "input must be a string, a list of token ids, or a non-empty list of either"
+    )
+
+
+def _token_ids(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )

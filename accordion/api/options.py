@@ -22,14 +22,17 @@ KNOWN: dict[str, tuple[type, ...]] = {
     "top_k": (int,),
     "top_p": (int, float),
     "min_p": (int, float),
-    "typical_p": (int, float),
     "repeat_last_n": (int,),
     "repeat_penalty": (int, float),
     "presence_penalty": (int, float),
     "frequency_penalty": (int, float),
     "seed": (int,),
     "stop": (list, str),
-    # accepted for compatibility; they change nothing here
+    # samplers we do not have: accepted at their "off" value only (OFF_ONLY)
+    "typical_p": (int, float),
+    "mirostat": (int,),
+    "tfs_z": (int, float),
+    # accepted for compatibility; they change nothing here (listed in the README)
     "num_gpu": (int,),
     "main_gpu": (int,),
     "num_thread": (int,),
@@ -39,11 +42,10 @@ KNOWN: dict[str, tuple[type, ...]] = {
     "low_vram": (bool,),
     "vocab_only": (bool,),
     "penalize_newline": (bool,),
-    "mirostat": (int,),
-    "mirostat_tau": (int, float),
+    "mirostat_tau": (int, float),  # read only by mirostat, which must be off
     "mirostat_eta": (int, float),
-    "tfs_z": (int, float),
 }
+OFF_ONLY = {"typical_p": 1.0, "mirostat": 0, "tfs_z": 1.0}
 
 
 @dataclass
@@ -66,6 +68,10 @@ def _check(name: str, value: Any) -> Any:
         raise InvalidRequestError(f"option {name!r} is out of range: {value}")
     if name == "stop" and isinstance(value, list) and not all(isinstance(s, str) for s in value):
         raise InvalidRequestError("option 'stop' must be a list of strings")
+    if name in OFF_ONLY and value != OFF_ONLY[name]:  # a 400, not a sampler silently missing
+        raise InvalidRequestError(
+            f"option {name}={value} is not supported (only {OFF_ONLY[name]:g}, off)"
+        )
     return value
 
 

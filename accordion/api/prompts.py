@@ -130,20 +130,47 @@ def _longest_tail(encode: Callable[[int], list[int]], total: int, limit: int) ->
     return best
 
 
+def token_ids(loaded: Loaded, ids: list[int], field: str) -> list[int]:
+    vocab = loaded.model.config.vocab_size
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+        raise InvalidRequestError(f"{field} must be token ids in [0, {vocab})")
+    return list(ids)
+
+
+def next_turn(loaded: Loaded, prompt: str, raw: bool) -> list[int]:
+    """The ids of one more user turn (and the reply's opening) after a conversation: what
+    the template adds for it, found by rendering a stand-in conversation with and without
+    it, so that a template's default system prompt is not written again mid-way."""
+    model = loaded.model
+    if raw or not model.template.has_template:
+        return model.tokenizer.encode(prompt, add_bos=False)
+    before = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    head = model.template.render(before, add_generation_prompt=False)
+    text = model.template.render([*before, {"role": "user", "content": prompt}])
+    return model.tokenizer.encode(text.removeprefix(head), add_bos=False)
+
+
 def prepare_generate(
     loaded: Loaded,
-    prompt: str,
+    prompt: str | list[int],
     options: dict[str, Any] | None,
     system: str | None = None,
     raw: bool = False,
     truncate: bool = True,
     request_id: str = "-",
+    context: list[int] | None = None,
 ) -> Prepared:
+    """`context` (Ollama's): the token ids of the conversation so far, as a previous
+    answer returned them; this turn follows them, without the system prompt again."""
     opts = request_options(loaded, options)
     limit = context_limit(loaded, opts)
     model = loaded.model
     system = system if system is not None else loaded.entry.system
-    if raw or not model.template.has_template:
+    if isinstance(prompt, list):  # token ids, taken as they are
+        ids = token_ids(loaded, prompt, "prompt")
+    elif context:
+        ids = token_ids(loaded, context, "context") + next_turn(loaded, prompt, raw)
+    elif raw or not model.template.has_template:
         ids = encode_text(loaded, prompt if raw or not system else f"{system}\n\n{prompt}")
     else:
         messages = [{"role": "user", "content": prompt}]

@@ -18,7 +18,14 @@ from typing import Any
 from fastapi import Request
 
 from accordion.api.guard import register_cleanup, request_id
-from accordion.api.prompts import Prepared, context_limit, encode_text, in_worker, request_options
+from accordion.api.prompts import (
+    Prepared,
+    context_limit,
+    encode_text,
+    in_worker,
+    request_options,
+    token_ids,
+)
 from accordion.engine.request import Event, RequestHandle, RequestOutput, output_of
 from accordion.errors import InvalidRequestError, ModelNotFoundError
 from accordion.models.embed import embed
@@ -123,7 +130,7 @@ def raise_for(output: RequestOutput) -> None:
 async def embed_texts(
     request: Request,
     loaded: Loaded,
-    texts: list[str],
+    texts: list[str | list[int]],
     truncate: bool = True,
     options: dict[str, Any] | None = None,
 ) -> tuple[list[list[float]], int]:
@@ -134,7 +141,10 @@ async def embed_texts(
     manager.begin(loaded)  # counts as in use, so it is not unloaded under us
     try:
         for index, text in enumerate(texts):
-            ids = await in_worker(_embed_ids, loaded, text)
+            if isinstance(text, list):
+                ids = token_ids(loaded, text, f"input[{index}]")
+            else:
+                ids = await in_worker(_embed_ids, loaded, text)
             if len(ids) > limit:
                 if not truncate:
                     raise InvalidRequestError(

@@ -13,6 +13,7 @@ from gguf import LlamaFileType
 from pydantic import BaseModel, ConfigDict, StrictBool
 
 from accordion.api.app import streamed
+from accordion.api.blobs import blob_source
 from accordion.api.service import manager_of
 from accordion.errors import AccordionError, InvalidRequestError, ModelNotFoundError
 from accordion.loader.bundled import BUNDLED, split_tag
@@ -109,6 +110,16 @@ def modelfile(entry: ModelEntry, template: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def show_parameters(parameters: dict[str, Any]) -> str:
+    """As Ollama writes them: the name padded to 30, strings quoted, one line per stop."""
+    lines = []
+    for key, value in parameters.items():
+        for v in value if isinstance(value, list) else [value]:
+            shown = json.dumps(v) if isinstance(v, str | bool) else v  # Go's %q; true, false
+            lines.append(f"{key:<30} {shown}")
+    return "\n".join(lines)
+
+
 @router.post("/api/show")
 async def show(body: NameBody, request: Request) -> dict[str, Any]:
     store = store_of(request)
@@ -119,8 +130,8 @@ async def show(body: NameBody, request: Request) -> dict[str, Any]:
     info = {k: v for k, v in gf.metadata.items() if not isinstance(v, list) or len(v) < 64}
     if "tokenizer.chat_template" in info:
         del info["tokenizer.chat_template"]
-    params = "\n".join(f"{k} {v}" for k, v in entry.parameters.items())
-    capabilities = ["completion"]
+    params = show_parameters(entry.parameters)
+    capabilities = ["completion", "embedding"]  # /api/embed serves every model
     if "tools" in template:
         capabilities.append("tools")
     return {
@@ -144,6 +155,9 @@ class CreateBody(BaseModel):
     parameters: dict[str, Any] | None = None
     system: str | None = None
     template: str | None = None
+    files: dict[str, str] | None = None  # file name -> blob digest (POST /api/blobs first)
+    adapters: dict[str, str] | None = None
+    quantize: str | None = None
     stream: StrictBool = True
 
 
@@ -198,8 +212,15 @@ async def create(request: Request) -> Any:
     name = body.model or body.name
     if not name:
         raise InvalidRequestError("model is required")
+    if body.adapters:
+        raise InvalidRequestError("adapters (LoRA) are not supported: create from the base GGUF")
+    if body.quantize:
+        raise InvalidRequestError(
+            f"quantize {body.quantize!r} is not supported: create from a GGUF already"
+            " quantized (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16, F32)"
+        )
     spec: dict[str, Any] = parse_modelfile(body.modelfile) if body.modelfile else {"parameters": {}}
-    source = body.from_ or spec.get("from")
+    source = body.from_ or spec.get("from") or blob_source(store_of(request), body.files)
     if not source:
         raise InvalidRequestError("from is required (a model name or a GGUF path)")
     parameters = {**spec["parameters"], **(body.parameters or {})}
