@@ -71,7 +71,10 @@ def test_context_continuation_renders_one_more_turn(
         timeout=60,
     ).json()["context"]
     added = tokenizer.decode(follow[len(context) :])
-    assert added.startswith("<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n")
+    # the reply's closing tag, the turn, the next reply's opening
+    assert added.startswith(
+        "<|im_end|>\n<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert "system" not in added  # the template's default system prompt is not repeated
     bad = httpx.post(
         server.url + "/api/generate",
@@ -163,3 +166,27 @@ def test_openai_404_codes_tell_a_route_from_a_model(server: LiveServer) -> None:
         timeout=30,
     )
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+GO_CHATML = """{{- range .Messages }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}<|im_start|>assistant
+"""
+
+
+def test_a_created_model_renders_through_its_go_template(
+    server: LiveServer, client: ollama.Client, tokenizer: Tokenizer
+) -> None:
+    assert client.create(model="go-chatml", from_=MODEL, template=GO_CHATML).status == "success"
+    messages = [{"role": "user", "content": "Name a colour."}]
+    r = httpx.post(
+        server.url + "/api/chat",
+        json={"model": "go-chatml", "messages": messages, "stream": False, "options": GREEDY},
+        timeout=60,
+    ).json()
+    expected = "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    assert r["prompt_eval_count"] + r["prompt_cache_count"] == len(tokenizer.encode(expected))
+    # generate shows the rendered prompt: its context starts with the prompt's ids
+    done = client.generate("go-chatml", prompt="Name a colour.", options=GREEDY)
+    assert tokenizer.decode(done.context[: len(done.context) - done.eval_count]) == expected
+    client.delete("go-chatml")

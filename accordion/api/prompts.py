@@ -137,17 +137,24 @@ def token_ids(loaded: Loaded, ids: list[int], field: str) -> list[int]:
     return list(ids)
 
 
+REPLY = "\x00accordion-reply\x00"
+
+
 def next_turn(loaded: Loaded, prompt: str, raw: bool) -> list[int]:
-    """The ids of one more user turn (and the reply's opening) after a conversation: what
-    the template adds for it, found by rendering a stand-in conversation with and without
-    it, so that a template's default system prompt is not written again mid-way."""
+    """The ids that follow a conversation's last reply for one more user turn: what the
+    template writes after a reply's text (its closing tag), the turn, and the next
+    reply's opening. Found by rendering a stand-in conversation around a marked reply,
+    so a template's default system prompt is not written again mid-way."""
     model = loaded.model
     if raw or not model.template.has_template:
         return model.tokenizer.encode(prompt, add_bos=False)
-    before = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
-    head = model.template.render(before, add_generation_prompt=False)
-    text = model.template.render([*before, {"role": "user", "content": prompt}])
-    return model.tokenizer.encode(text.removeprefix(head), add_bos=False)
+    stand_in = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": REPLY},
+        {"role": "user", "content": prompt},
+    ]
+    text = model.template.render(stand_in).split(REPLY, 1)[-1]
+    return model.tokenizer.encode(text, add_bos=False)
 
 
 def prepare_generate(

@@ -22,6 +22,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from accordion.errors import InvalidRequestError, TemplateError
 from accordion.loader.gguf_file import GGUFFile
+from accordion.loader.go_template import GoTemplate, is_go_template
+from accordion.loader.ollama_template import render_ollama
 
 GGUF_TEMPLATE_KEY = "tokenizer.chat_template"
 
@@ -196,7 +198,11 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
         # Compiling up front turns a broken template into an error at load time, not mid-request.
-        self._template, self._variables = _compile(self._source)
+        self._go = GoTemplate(self._source) if is_go_template(self._source) else None
+        if self._go is not None:  # an Ollama Modelfile's TEMPLATE
+            self._variables = frozenset({"tools"} if ".Tools" in self._source else ())
+        else:
+            self._template, self._variables = _compile(self._source)
 
     @classmethod
     def from_gguf(cls, gf: GGUFFile, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
@@ -234,6 +240,8 @@ class ChatTemplate:
             "tools": tools,
         }
         try:
+            if self._go is not None:
+                return render_ollama(self._go, context["messages"], tools, MAX_RENDER_CHARS)
             return self._bounded(context)
         except (TemplateError, InvalidRequestError):
             raise
@@ -252,5 +260,5 @@ class ChatTemplate:
         return "".join(pieces)
 
     def __repr__(self) -> str:
-        kind = "template" if self._has_template else "fallback"
+        kind = "fallback" if not self._has_template else "go" if self._go else "template"
         return f"ChatTemplate({kind}, {len(self._source)} chars, tools={self.supports_tools})"
