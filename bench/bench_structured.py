@@ -51,9 +51,7 @@ def twenty_properties(salt: int) -> dict:
 
 def decode_rate(llm: LLM, batch: int, tokens: int, grammar: Grammar | None) -> float:
     params = [
-        SamplingParams(
-            temperature=0.7, seed=s, max_tokens=tokens, ignore_eos=True, grammar=grammar
-        )
+        SamplingParams(temperature=0.7, seed=s, max_tokens=tokens, ignore_eos=True, grammar=grammar)
         for s in range(batch)
     ]
     handles = [llm.submit(PROMPT, p) for p in params]

@@ -144,8 +144,8 @@ def test_client_errors(client: OpenAI) -> None:
         ("chat/completions", {"messages": FRANCE, "logit_bias": {"x": 1}}, "token ids"),
         ("chat/completions", {"messages": FRANCE, "logit_bias": {"1": 101}}, "logit_bias"),
         ("chat/completions", {"messages": FRANCE, "logit_bias": {"99999999": 1}}, "[0, 49152)"),
-        ("completions", {"prompt": [1, 2, 3]}, "prompt"),
-        ("embeddings", {"input": [[1, 2, 3]]}, "token-id"),
+        ("completions", {"prompt": [1, "two", 3]}, "prompt"),
+        ("embeddings", {"input": [[1, 2], 3]}, "token ids"),
         ("embeddings", {"input": "x", "encoding_format": "int8"}, "encoding_format"),
     ],
 )

@@ -154,12 +154,13 @@ def create_app(manager: ModelManager, store: ModelStore, policy: Policy | None =
     async def version() -> dict:
         return {"version": __version__}
 
-    from accordion.api import blobs, ollama, openai, stats_routes, store_routes
+    from accordion.api import blobs, ollama, openai, responses, stats_routes, store_routes
 
     app.include_router(ollama.router)
     app.include_router(blobs.router)
     app.include_router(store_routes.router)
     app.include_router(openai.router)
+    app.include_router(responses.router)
     app.include_router(stats_routes.router)
     stats_routes.mount_dashboard(app)
     return app
