@@ -89,7 +89,7 @@ def test_context_continuation_renders_one_more_turn(
     [
         ("/api/chat", {"think": True}, "does not support thinking"),
         ("/api/generate", {"think": True}, "does not support thinking"),
-        ("/api/generate", {"template": "{{ .Prompt }}"}, "per-request template"),
+        ("/api/generate", {"template": "{{ if .Prompt }}"}, "template"),
         ("/api/create", {"from": MODEL, "quantize": "q4_K_M"}, "quantize"),
         ("/api/create", {"from": MODEL, "adapters": {"a.gguf": "sha256:" + "0" * 64}}, "adapters"),
         ("/api/create", {"files": {"m.gguf": "sha256:" + "0" * 64}}, "never uploaded"),
@@ -190,3 +190,12 @@ def test_a_created_model_renders_through_its_go_template(
     done = client.generate("go-chatml", prompt="Name a colour.", options=GREEDY)
     assert tokenizer.decode(done.context[: len(done.context) - done.eval_count]) == expected
     client.delete("go-chatml")
+
+
+def test_a_per_request_template_renders_the_prompt(
+    client: ollama.Client, tokenizer: Tokenizer
+) -> None:
+    done = client.generate(
+        MODEL, prompt="2+2", template="Q: {{ .Prompt }}\nA:", options={"num_predict": 2}
+    )
+    assert tokenizer.decode(done.context[: len(done.context) - done.eval_count]) == "Q: 2+2\nA:"

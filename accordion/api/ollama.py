@@ -230,10 +230,6 @@ async def generate(body: GenerateBody, request: Request) -> Any:
     check_unsupported(body, loaded, body.images)
     if body.suffix:
         raise InvalidRequestError(f"model '{body.model}' does not support insert (suffix)")
-    if body.template:
-        raise InvalidRequestError(
-            "a per-request template is not supported yet: create a model with TEMPLATE"
-        )
     prepared = await prompts.in_worker(
         prompts.prepare_generate,
         loaded,
@@ -244,6 +240,7 @@ async def generate(body: GenerateBody, request: Request) -> Any:
         body.truncate,
         request_id.get(),
         body.context,
+        body.template,
     )
     prepared.options.params = with_params(
         prepared.options.params, shift=body.shift, logprobs=body.top()

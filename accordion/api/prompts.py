@@ -16,6 +16,7 @@ cost follows the context limit, not the length of the history.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from typing import Any
 
 from accordion.api.options import RequestOptions, merge, to_request_options
 from accordion.errors import InvalidRequestError
-from accordion.loader.chat_template import MAX_RENDER_CHARS, normalize_messages
+from accordion.loader.chat_template import MAX_RENDER_CHARS, ChatTemplate, normalize_messages
 from accordion.server.manager import Loaded
 
 log = logging.getLogger("accordion.api")
@@ -140,20 +141,36 @@ def token_ids(loaded: Loaded, ids: list[int], field: str) -> list[int]:
 REPLY = "\x00accordion-reply\x00"
 
 
-def next_turn(loaded: Loaded, prompt: str, raw: bool) -> list[int]:
+def request_template(loaded: Loaded, source: str | None) -> ChatTemplate | None:
+    """A request's own template, compiled once per text (clients resend the same one)."""
+    if not source:
+        return None
+    tok = loaded.model.tokenizer
+    return _compiled(source, tok.bos_token, tok.eos_token)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(source: str, bos: str, eos: str) -> ChatTemplate:
+    return ChatTemplate(source, bos, eos)
+
+
+def next_turn(
+    loaded: Loaded, prompt: str, raw: bool, template: ChatTemplate | None = None
+) -> list[int]:
     """The ids that follow a conversation's last reply for one more user turn: what the
     template writes after a reply's text (its closing tag), the turn, and the next
     reply's opening. Found by rendering a stand-in conversation around a marked reply,
     so a template's default system prompt is not written again mid-way."""
     model = loaded.model
-    if raw or not model.template.has_template:
+    template = template or model.template
+    if raw or not template.has_template:
         return model.tokenizer.encode(prompt, add_bos=False)
     stand_in = [
         {"role": "user", "content": "x"},
         {"role": "assistant", "content": REPLY},
         {"role": "user", "content": prompt},
     ]
-    text = model.template.render(stand_in).split(REPLY, 1)[-1]
+    text = template.render(stand_in).split(REPLY, 1)[-1]
     return model.tokenizer.encode(text, add_bos=False)
 
 
@@ -166,9 +183,11 @@ def prepare_generate(
     truncate: bool = True,
     request_id: str = "-",
     context: list[int] | None = None,
+    template: str | None = None,
 ) -> Prepared:
     """`context` (Ollama's): the token ids of the conversation so far, as a previous
-    answer returned them; this turn follows them, without the system prompt again."""
+    answer returned them; this turn follows them, without the system prompt again.
+    `template`: the request's own (Go or Jinja), in place of the model's."""
     opts = request_options(loaded, options)
     limit = context_limit(loaded, opts)
     model = loaded.model
@@ -176,14 +195,15 @@ def prepare_generate(
     if isinstance(prompt, list):  # token ids, taken as they are
         ids = token_ids(loaded, prompt, "prompt")
     elif context:
-        ids = token_ids(loaded, context, "context") + next_turn(loaded, prompt, raw)
-    elif raw or not model.template.has_template:
+        turn = next_turn(loaded, prompt, raw, request_template(loaded, template))
+        ids = token_ids(loaded, context, "context") + turn
+    elif raw or not (template or model.template.has_template):
         ids = encode_text(loaded, prompt if raw or not system else f"{system}\n\n{prompt}")
     else:
         messages = [{"role": "user", "content": prompt}]
         if system:
             messages.insert(0, {"role": "system", "content": system})
-        ids = model.encode_chat(messages)
+        ids = model.encode_chat(messages, template=request_template(loaded, template))
     if len(ids) < limit:
         return Prepared(ids, opts, limit)
     if not truncate:

@@ -29,10 +29,15 @@ class LoadedModel:
     load_seconds: float
 
     def encode_chat(
-        self, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = True
+        self,
+        messages: list[dict],
+        tools: list | None = None,
+        add_generation_prompt: bool = True,
+        template: ChatTemplate | None = None,
     ) -> list[int]:
-        """Render the chat template and tokenize; a template that writes BOS gets no second one."""
-        text = self.template.render(
+        """Render the chat template (or `template`, a request's own) and tokenize; a
+        template that writes BOS gets no second one."""
+        text = (template or self.template).render(
             messages, add_generation_prompt=add_generation_prompt, tools=tools
         )
         bos = self.tokenizer.bos_token
