@@ -155,14 +155,17 @@ async def respond(
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-@router.post("/v1/chat/completions", responses=STREAMED)
-async def chat_completions(body: ChatBody, request: Request) -> Any:
+async def prepare_chat_body(
+    request: Request, body: ChatBody, format_field: str = "the response format"
+) -> tuple[Loaded, prompts.Prepared, tools.ToolPlan]:
+    """A chat body made ready to run: its checks (before the model loads, so a bad request
+    costs nothing), the model, its tools, its prompt, its grammar and sampling fields."""
     check_unsupported(body)
     grammar = request_grammar(body)
-    messages = chat_messages(body.messages)  # before loading: a bad request costs nothing
+    messages = chat_messages(body.messages)
     loaded = await load(request, body.model)
     plan = tools.plan(loaded, body.model, body.tools, body.tool_choice, body.parallel_tool_calls)
-    grammar = constraints.one_of(("the response format", grammar), ("tool_choice", plan.grammar))
+    grammar = constraints.one_of((format_field, grammar), ("tool_choice", plan.grammar))
     prepared = await prompts.in_worker(
         prompts.prepare_chat,
         loaded,
@@ -174,6 +177,12 @@ async def chat_completions(body: ChatBody, request: Request) -> Any:
     )
     await constraints.constrain(loaded, prepared, grammar)
     refine(body, prepared)
+    return loaded, prepared, plan
+
+
+@router.post("/v1/chat/completions", responses=STREAMED)
+async def chat_completions(body: ChatBody, request: Request) -> Any:
+    loaded, prepared, plan = await prepare_chat_body(request, body)
     return await respond(request, body, loaded, prepared, shape_of(body, chat=True, plan=plan))
 
 

@@ -23,19 +23,10 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from accordion.api import constraints, prompts, service, tools
+from accordion.api import service
 from accordion.api.app import streamed
-from accordion.api.guard import request_id
-from accordion.api.openai_bodies import (
-    ChatBody,
-    Count,
-    Flag,
-    chat_messages,
-    check_unsupported,
-    ollama_options,
-    refine,
-    request_grammar,
-)
+from accordion.api.openai import prepare_chat_body
+from accordion.api.openai_bodies import ChatBody, Count, Flag
 from accordion.api.responses_items import Output, chat_input, chat_tools
 from accordion.engine.request import Event, RequestOutput
 from accordion.errors import InvalidRequestError
@@ -114,23 +105,7 @@ async def create_response(body: ResponsesBody, request: Request) -> Any:
         history = previous["_messages"]
     conversation = [*history, *chat_input(body.input)]  # instructions are not carried over
     chat = as_chat(body, conversation)
-    check_unsupported(chat)
-    grammar = request_grammar(chat)
-    messages = chat_messages(chat.messages)
-    loaded, _ = await service.manager_of(request).get(chat.model)
-    plan = tools.plan(loaded, chat.model, chat.tools, chat.tool_choice, chat.parallel_tool_calls)
-    grammar = constraints.one_of(("text.format", grammar), ("tool_choice", plan.grammar))
-    prepared = await prompts.in_worker(
-        prompts.prepare_chat,
-        loaded,
-        messages,
-        ollama_options(chat),
-        chat.truncate,
-        plan.tools,
-        request_id.get(),
-    )
-    await constraints.constrain(loaded, prepared, grammar)
-    refine(chat, prepared)
+    loaded, prepared, plan = await prepare_chat_body(request, chat, "text.format")
     output = Output(plan.parser())
     head = {
         "id": f"resp_{uuid.uuid4().hex}",

@@ -88,7 +88,6 @@ class ToolParser:
         self.buffer = ""  # text not yet released or parsed
         self.inside = False  # after an opening tag
         self.started = False  # some content has been released: no whole-output call now
-        self.calls: list[ToolCall] = []
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         self.buffer += text
@@ -117,7 +116,6 @@ class ToolParser:
             content += released
             self.started = self.started or bool(released.strip())
             break
-        self.calls += calls
         return content, calls
 
     def finish(self) -> tuple[str, list[ToolCall]]:
@@ -126,13 +124,11 @@ class ToolParser:
         if self.inside:
             found = calls_in(text.strip())  # a call left open (no closing tag)
             if found is not None:
-                self.calls += found
                 return "", found
             return self.open + text, []
         if not self.started:
             found = calls_in(text.strip(), self.names)
             if found is not None:
-                self.calls += found
                 return "", found
         return text, []
 
