@@ -16,6 +16,7 @@ from accordion import __version__
 from accordion.api.guard import Guard, error_body, request_id
 from accordion.api.metrics import Metrics
 from accordion.api.security import Policy
+from accordion.batch.files import FileStore
 from accordion.errors import (
     AccordionError,
     ForbiddenError,
@@ -93,6 +94,8 @@ def create_app(manager: ModelManager, store: ModelStore, policy: Policy | None =
     )
     app.state.manager = manager
     app.state.store = store
+    app.state.files = FileStore(store.root / "files")
+    app.state.batches = None  # accordion serve sets it: it knows the server's own address
 
     app.add_middleware(Guard, policy=policy)
 
@@ -154,9 +157,18 @@ def create_app(manager: ModelManager, store: ModelStore, policy: Policy | None =
     async def version() -> dict:
         return {"version": __version__}
 
-    from accordion.api import blobs, ollama, openai, responses, stats_routes, store_routes
+    from accordion.api import (
+        batches,
+        blobs,
+        ollama,
+        openai,
+        responses,
+        stats_routes,
+        store_routes,
+    )
 
     app.include_router(ollama.router)
+    app.include_router(batches.router)
     app.include_router(blobs.router)
     app.include_router(store_routes.router)
     app.include_router(openai.router)

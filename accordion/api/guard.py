@@ -107,10 +107,10 @@ class Guard:
             elif scope["method"] == "OPTIONS" and origin:
                 await _preflight(send_out, headers)
             else:
-                blob = _is_blob(scope)  # a model file: any size, raw bytes
+                upload = _is_upload(scope)  # a file: its own size limit, not JSON
                 await self.app(
-                    scope if blob else _as_json(scope),
-                    receive if blob else _limited(receive),
+                    scope if upload else _as_json(scope),
+                    receive if upload else _limited(receive),
                     send_out,
                 )
         except Exception:
@@ -138,7 +138,7 @@ class Guard:
             return None  # a preflight carries no credentials
         if not self.policy.key_accepted(scope["path"], headers.get("authorization")):
             return 401, "missing or invalid API key", {"www-authenticate": "Bearer"}
-        if scope["method"] in ("POST", "PUT", "DELETE", "PATCH") and not _is_blob(scope):
+        if scope["method"] in ("POST", "PUT", "DELETE", "PATCH") and not _is_upload(scope):
             if not _json_type(headers.get("content-type", ""), origin is not None):
                 return 415, "request body must be JSON (Content-Type: application/json)", {}
             size = headers.get("content-length", "")
@@ -147,10 +147,12 @@ class Guard:
         return None
 
 
-def _is_blob(scope: Scope) -> bool:
-    """POST /api/blobs/<digest> uploads a GGUF: bytes, gigabytes of them, hashed as they
-    arrive and kept only if the digest matches."""
-    return scope["method"] == "POST" and scope["path"].startswith("/api/blobs/")
+def _is_upload(scope: Scope) -> bool:
+    """POST /api/blobs/<digest> uploads a GGUF (gigabytes of raw bytes, hashed as they
+    arrive, kept only if the digest matches); POST /v1/files a batch input (multipart,
+    up to the file store's limit)."""
+    path = scope["path"]
+    return scope["method"] == "POST" and (path.startswith("/api/blobs/") or path == "/v1/files")
 
 
 def _as_json(scope: Scope) -> Scope:

@@ -12,6 +12,7 @@ import uvicorn
 from accordion import heap
 from accordion.api.app import create_app
 from accordion.api.security import Policy
+from accordion.batch.service import Batches
 from accordion.loader.bundled import join_all
 from accordion.server.address import base_url, host_port
 from accordion.server.http_protocol import DeadlineH11Protocol
@@ -55,9 +56,11 @@ def serve(address: str | None = None, log_level: str = "info") -> None:
         time.sleep(0.05)
     if not server.started:
         raise SystemExit(f"accordion: could not listen on {host}:{port}")
-    logging.getLogger("accordion.server").info(
-        "dashboard at %s/dashboard/", base_url(f"{host}:{port}")
-    )
+    url = base_url(f"{host}:{port}")
+    logging.getLogger("accordion.server").info("dashboard at %s/dashboard/", url)
+    # batches talk to this server over loopback, as `accordion batch --endpoint` does
+    app.state.batches = Batches(root / "batches", app.state.files, url)
+    app.state.batches.resume_all()
     try:
         manager.drive()  # torch work stays on the main thread (see engine/engine.py)
     finally:

@@ -1,0 +1,154 @@
+"""OpenAI's Batch API on `accordion serve`, through the official client: files, batches,
+failure by line, cancel with partial output, pages, and a server killed mid-batch."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from live_server import LiveServer
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2"
+
+
+def lines(n: int, max_tokens: int = 2, start: int = 0) -> bytes:
+    rows = [
+        {
+            "custom_id": f"req-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": f"Count to {i}."}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            },
+        }
+        for i in range(start, start + n)
+    ]
+    return "\n".join(json.dumps(r) for r in rows).encode() + b"\n"
+
+
+def client_of(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=2, timeout=120)
+
+
+def wait(client: openai.OpenAI, batch_id: str, until: set[str], seconds: float = 300) -> object:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = client.batches.retrieve(batch_id)
+        if found.status in until:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"batch {batch_id} still {found.status}")
+
+
+def output_ids(client: openai.OpenAI, file_id: str | None) -> list[str]:
+    if file_id is None:
+        return []
+    text = client.files.content(file_id).text
+    return [json.loads(row)["custom_id"] for row in text.splitlines() if row.strip()]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("batch-api")
+
+
+def test_a_batch_of_200_completes_with_every_id(models: Path) -> None:
+    server = LiveServer(models)
+    try:
+        client = client_of(server)
+        upload = client.files.create(file=("in.jsonl", lines(200)), purpose="batch")
+        assert upload.bytes > 0 and client.files.retrieve(upload.id).filename == "in.jsonl"
+        created = client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        assert created.status == "validating"
+        done = wait(client, created.id, {"completed", "failed"})
+        assert done.status == "completed", done
+        assert done.request_counts.total == done.request_counts.completed == 200
+        text = client.files.content(done.output_file_id).text
+        rows = [json.loads(r) for r in text.splitlines()]
+        assert sorted(r["custom_id"] for r in rows) == sorted(f"req-{i}" for i in range(200))
+        body = rows[0]["response"]["body"]
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"]
+        assert done.usage.input_tokens > 0 and done.usage.output_tokens > 0
+        assert client.files.list(purpose="batch").data[0].id == upload.id
+    finally:
+        server.stop()
+
+
+def test_bad_lines_fail_the_batch_naming_them(models: Path) -> None:
+    server = LiveServer(models)
+    try:
+        client = client_of(server)
+        bad = lines(3) + b"{not json\n" + lines(1, start=0)  # line 4 broken, line 5 a repeat
+        upload = client.files.create(file=("bad.jsonl", bad), purpose="batch")
+        created = client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        failed = wait(client, created.id, {"failed", "completed"})
+        assert failed.status == "failed"
+        named = {e.line: e.message for e in failed.errors.data}
+        assert 4 in named and 5 in named and "duplicate" in named[5]
+        assert failed.output_file_id is None
+    finally:
+        server.stop()
+
+
+def test_cancel_keeps_the_partial_output_and_list_pages(models: Path) -> None:
+    server = LiveServer(models)
+    try:
+        client = client_of(server)
+        upload = client.files.create(
+            file=("long.jsonl", lines(400, max_tokens=24)), purpose="batch"
+        )
+        created = client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        deadline = time.monotonic() + 120
+        while client.batches.retrieve(created.id).request_counts.completed < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert client.batches.cancel(created.id).status == "cancelling"
+        cancelled = wait(client, created.id, {"cancelled", "completed"})
+        assert cancelled.status == "cancelled"
+        ids = output_ids(client, cancelled.output_file_id)
+        assert 0 < len(ids) < 400 and len(set(ids)) == len(ids)
+        page = client.batches.list(limit=1)
+        assert len(page.data) == 1 and page.has_more
+        rest = client.batches.list(limit=100, after=page.data[0].id)
+        assert page.data[0].id not in {b.id for b in rest.data} and rest.data
+    finally:
+        server.stop()
+
+
+def test_a_server_killed_mid_batch_finishes_it_after_a_restart(models: Path) -> None:
+    server = LiveServer(models)
+    client = client_of(server)
+    upload = client.files.create(file=("kill.jsonl", lines(300, max_tokens=12)), purpose="batch")
+    created = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    deadline = time.monotonic() + 120
+    while (now := client.batches.retrieve(created.id)).request_counts.completed < 20:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert now.status == "in_progress" and now.request_counts.completed < 300  # mid-batch
+    server.proc.kill()  # kill -9: no shutdown, no flush
+    server.proc.wait()
+    again = LiveServer(models)
+    try:
+        client = client_of(again)
+        done = wait(client, created.id, {"completed", "failed"})
+        assert done.status == "completed"
+        ids = output_ids(client, done.output_file_id)
+        assert sorted(ids) == sorted(f"req-{i}" for i in range(300))  # each exactly once
+    finally:
+        again.stop()
