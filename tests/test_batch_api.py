@@ -116,11 +116,22 @@ def test_cancel_keeps_the_partial_output_and_list_pages(models: Path) -> None:
         while client.batches.retrieve(created.id).request_counts.completed < 5:
             assert time.monotonic() < deadline
             time.sleep(0.2)
+        # a chat arriving mid-batch is admitted ahead of the batch's queued requests
+        chat = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        )
+        assert chat.choices[0].message.content is not None
+        running = client.batches.retrieve(created.id)
+        assert running.status == "in_progress" and running.request_counts.completed < 400
         assert client.batches.cancel(created.id).status == "cancelling"
         cancelled = wait(client, created.id, {"cancelled", "completed"})
         assert cancelled.status == "cancelled"
         ids = output_ids(client, cancelled.output_file_id)
         assert 0 < len(ids) < 400 and len(set(ids)) == len(ids)
+        small = client.files.create(file=("one.jsonl", lines(1)), purpose="batch")
+        client.batches.create(
+            input_file_id=small.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
         page = client.batches.list(limit=1)
         assert len(page.data) == 1 and page.has_more
         rest = client.batches.list(limit=100, after=page.data[0].id)

@@ -239,6 +239,20 @@ def test_max_running_caps_concurrency(tiny_dir: Path) -> None:
     assert most == 2
 
 
+def test_interactive_requests_are_admitted_before_waiting_background_ones(
+    tiny_dir: Path,
+) -> None:
+    eng = engine(tiny(tiny_dir, "llama"), 4096, max_running=1)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    batch = [eng.submit([5, 6, 7 + i], params, background=True) for i in range(4)]
+    chat = eng.submit([9, 9, 9], params)  # arrives last, runs first
+    for handle in [chat, *batch]:
+        handle.result()
+    started = [h.seq.first_scheduled for h in batch]
+    assert chat.seq.first_scheduled < min(started)  # type: ignore[operator]
+    assert started == sorted(started)  # the batch keeps its own order
+
+
 def test_shift_keeps_generating_past_the_context_limit(tiny_dir: Path) -> None:
     model = tiny(tiny_dir, "llama")
     eng = engine(model, 4096)

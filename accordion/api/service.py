@@ -89,7 +89,11 @@ def start(request: Request, loaded: Loaded, prepared: Prepared) -> Running:
     try:
         if manager.loaded.get(loaded.name) is not loaded:  # unloaded since we got it
             raise ModelNotFoundError(f"model '{loaded.name}' was unloaded; retry the request")
-        handle = loaded.engine.submit(prepared.ids, prepared.options.params, prepared.limit)
+        # a batch job's requests say so: interactive ones are admitted ahead of them
+        background = request.headers.get("x-accordion-priority") == "background"
+        handle = loaded.engine.submit(
+            prepared.ids, prepared.options.params, prepared.limit, background
+        )
     except BaseException:
         manager.end(loaded)
         raise

@@ -69,7 +69,8 @@ class Target:
     async def post(self, url: str, body: dict[str, Any]) -> Reply:
         request_id = f"batch_req_{uuid.uuid4().hex}"
         path, sent = (url, body) if self.api == "openai" else to_ollama(url, body)
-        headers = {"X-Request-ID": request_id}
+        # background: a server running it admits interactive requests first
+        headers = {"X-Request-ID": request_id, "X-Accordion-Priority": "background"}
         for attempt in range(self.retries + 1):
             try:
                 response = await self.client.post(path, json=sent, headers=headers)

@@ -84,6 +84,7 @@ class Engine:
         prompt_ids: list[int],
         params: SamplingParams | None = None,
         num_ctx: int | None = None,
+        background: bool = False,
     ) -> RequestHandle:
         params = params or SamplingParams()
         trained = self.model.config.context_length
@@ -98,6 +99,7 @@ class Engine:
         if any(not 0 <= t < vocab for t in params.logit_bias):
             raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab})")
         seq = Sequence(list(prompt_ids), params, limit, new_generator(params.seed))
+        seq.background = background
         # compiled here, so a bad grammar fails the call; callers on an event loop
         # compile first in a worker (`grammars.compile`), leaving a cache hit for this
         constraint = self.grammars.start(params.grammar) if params.grammar else None

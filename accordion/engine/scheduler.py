@@ -5,6 +5,7 @@ ones, up to `num_batch` tokens. Admission asks the KV cache for the blocks the
 step needs now (after prefix hits), never for a context size. When a running
 sequence cannot grow, the most recently admitted one is preempted: its blocks
 go back (full ones stay cached) and it waits at the front to be recomputed.
+Waiting interactive requests go before waiting background (batch) ones.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ class Scheduler:
         self.preemptions = 0  # ever, for the stats
 
     def add(self, seq: Sequence) -> None:
+        """Interactive requests queue ahead of background (batch) ones that have not
+        started, so a chat arriving during a batch is not stuck behind it."""
+        if not seq.background:
+            for i, other in enumerate(self.waiting):
+                if other.background and not other.opened:
+                    self.waiting.insert(i, seq)
+                    return
         self.waiting.append(seq)
 
     def has_work(self) -> bool:

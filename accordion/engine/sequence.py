@@ -46,6 +46,7 @@ class Sequence:
     text: str = ""  # output text emitted so far (stop strings removed)
     logprobs: list[Logprob] = field(default_factory=list)  # one per output token, if asked
     cancelled: bool = False
+    background: bool = False  # a batch's request: interactive ones are admitted first
     # accounting
     cached_tokens: int = 0  # prompt tokens served from the prefix cache on admission
     evaluated_tokens: int = 0  # tokens run through the model (recomputation included)
