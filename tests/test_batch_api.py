@@ -98,6 +98,14 @@ def test_bad_lines_fail_the_batch_naming_them(models: Path) -> None:
         named = {e.line: e.message for e in failed.errors.data}
         assert 4 in named and 5 in named and "duplicate" in named[5]
         assert failed.output_file_id is None
+        elsewhere = lines(2).replace(b"/v1/chat/completions", b"/v1/completions", 1)
+        upload = client.files.create(file=("url.jsonl", elsewhere), purpose="batch")
+        created = client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        failed = wait(client, created.id, {"failed", "completed"})
+        assert failed.status == "failed" and failed.errors.data[0].line == 1
+        assert "not the batch's endpoint" in failed.errors.data[0].message
     finally:
         server.stop()
 

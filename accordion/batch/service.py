@@ -161,6 +161,15 @@ class Batches:
             self._finalize(doc, "cancelled")
             return
         out, errors = folder / "output.jsonl", folder / "errors.jsonl"
+        wrong = _other_urls(self.files.path(doc["input_file_id"]), doc["endpoint"])
+        if wrong:  # OpenAI's rule: every line goes to the batch's endpoint
+            data = [
+                {"code": "invalid_request", "line": n, "message": m, "param": "url"}
+                for n, m in wrong
+            ]
+            errors_doc = {"object": "list", "data": data}
+            self._update(batch_id, status="failed", failed_at=int(time.time()), errors=errors_doc)
+            return
         try:
             progress = batch.run(
                 self.files.path(doc["input_file_id"]),
@@ -235,6 +244,23 @@ class Batches:
         if not re.fullmatch(r"batch_[0-9a-f]{24}", batch_id):
             raise NoSuchBatch(batch_id)
         return self.root / batch_id
+
+
+def _other_urls(path: Path, endpoint: str, shown: int = 20) -> list[tuple[int, str]]:
+    """Lines whose `url` is not the batch's endpoint (unreadable lines are the job's
+    first pass's to report)."""
+    found = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                url = json.loads(raw).get("url", endpoint)
+            except (ValueError, AttributeError):
+                continue
+            if url != endpoint:
+                found.append((number, f"url {url!r} is not the batch's endpoint {endpoint!r}"))
+                if len(found) >= shown:
+                    break
+    return found
 
 
 def _errors(message: str) -> dict[str, Any]:
