@@ -162,7 +162,7 @@ class LocalBackend:
     def chat(
         self, model: str, messages: list[dict], options: dict[str, Any], keep_alive: str | None
     ) -> Iterator[str]:
-        from accordion.api.ollama import stats
+        from accordion.api.ollama_respond import stats
         from accordion.api.prompts import prepare_chat
         from accordion.api.service import raise_for
         from accordion.engine.request import output_of
