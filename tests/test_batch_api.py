@@ -4,6 +4,9 @@ failure by line, cancel with partial output, pages, and a server killed mid-batc
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -80,6 +83,20 @@ def test_a_batch_of_200_completes_with_every_id(models: Path) -> None:
         assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"]
         assert done.usage.input_tokens > 0 and done.usage.output_tokens > 0
         assert client.files.list(purpose="batch").data[0].id == upload.id
+        # `accordion batch list` shows the server's batches beside its own jobs
+        listed = subprocess.run(
+            [str(Path(sys.executable).with_name("accordion")), "batch", "list"],
+            env={
+                **os.environ,
+                "ACCORDION_MODELS": str(models),
+                "ACCORDION_BATCHES": str(models / "jobs"),
+            },  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        row = next(line for line in listed.stdout.splitlines() if created.id in line)
+        assert "finished" in row and "200/200" in row
     finally:
         server.stop()
 

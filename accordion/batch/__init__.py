@@ -209,9 +209,14 @@ def status(job_dir: str | Path) -> dict[str, Any]:
 
 
 def jobs(root: Path | None = None) -> list[dict[str, Any]]:
-    """The status of every job under the default jobs folder (or `root`)."""
+    """The status of every job under the default jobs folder (or `root`), and of the
+    batches `accordion serve` runs for the Batch API (in its store's `batches/`)."""
+    from accordion.server.store import default_root
+
     root = root or batches_root()
     found = sorted(p.parent for p in root.glob("*/job.db")) if root.is_dir() else []
+    served = default_root() / "batches"
+    found += sorted(p.parent for p in served.glob("batch_*/job/job.db"))
     out = []
     for directory in found:
         try:

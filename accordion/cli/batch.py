@@ -142,7 +142,7 @@ def status(
 
 @app.command("list")
 def list_() -> None:
-    """Every job under ~/.accordion/batches ($ACCORDION_BATCHES)."""
+    """Every job under ~/.accordion/batches ($ACCORDION_BATCHES), and the server's batches."""
     rows = [
         [d["job_dir"], d["state"], f"{d['done']}/{d['total']}", str(d["failed"]), d["model"]]
         for d in batch.jobs()
