@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -33,8 +34,13 @@ def batches_of(request: Request) -> Batches:
     return batches
 
 
-def _missing(kind: str, name: str) -> HTTPException:
-    return HTTPException(404, f"no {kind} {name!r}")
+@contextmanager
+def found(kind: str, name: str) -> Iterator[None]:
+    """A file or batch that is not stored is a 404 naming it (OpenAI's not_found)."""
+    try:
+        yield
+    except (NoSuchFile, NoSuchBatch):
+        raise HTTPException(404, f"no {kind} {name!r}") from None
 
 
 @router.post("/v1/files")
@@ -60,26 +66,20 @@ async def list_files(request: Request, purpose: str | None = None) -> dict[str, 
 
 @router.get("/v1/files/{file_id}")
 async def get_file(file_id: str, request: Request) -> dict[str, Any]:
-    try:
+    with found("file", file_id):
         return files_of(request).get(file_id)
-    except NoSuchFile:
-        raise _missing("file", file_id) from None
 
 
 @router.get("/v1/files/{file_id}/content", response_class=FileResponse)
 async def file_content(file_id: str, request: Request) -> FileResponse:
-    try:
+    with found("file", file_id):
         return FileResponse(files_of(request).path(file_id), media_type="application/jsonl")
-    except NoSuchFile:
-        raise _missing("file", file_id) from None
 
 
 @router.delete("/v1/files/{file_id}")
 async def delete_file(file_id: str, request: Request) -> dict[str, Any]:
-    try:
+    with found("file", file_id):
         files_of(request).delete(file_id)
-    except NoSuchFile:
-        raise _missing("file", file_id) from None
     return {"id": file_id, "object": "file", "deleted": True}
 
 
@@ -93,37 +93,29 @@ class BatchBody(BaseModel):
 
 @router.post("/v1/batches")
 async def create_batch(body: BatchBody, request: Request) -> dict[str, Any]:
-    try:
+    with found("file", body.input_file_id):
         return batches_of(request).create(
             body.input_file_id, body.endpoint, body.completion_window, body.metadata
         )
-    except NoSuchFile:
-        raise _missing("file", body.input_file_id) from None
 
 
 @router.get("/v1/batches/{batch_id}")
 async def get_batch(batch_id: str, request: Request) -> dict[str, Any]:
-    try:
+    with found("batch", batch_id):
         return batches_of(request).get(batch_id)
-    except NoSuchBatch:
-        raise _missing("batch", batch_id) from None
 
 
 @router.get("/v1/batches")
 async def list_batches(
     request: Request, after: str | None = None, limit: int = Query(default=20, ge=1, le=100)
 ) -> dict[str, Any]:
-    try:
+    with found("batch", after or ""):
         data, more = batches_of(request).list(after, limit)
-    except NoSuchBatch:
-        raise _missing("batch", after or "") from None
     first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
     return {"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": more}
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
 async def cancel_batch(batch_id: str, request: Request) -> dict[str, Any]:
-    try:
+    with found("batch", batch_id):
         return batches_of(request).cancel(batch_id)
-    except NoSuchBatch:
-        raise _missing("batch", batch_id) from None

@@ -103,9 +103,7 @@ class Formatter:
         choice: dict[str, Any] = {"index": index, "finish_reason": finish_reason(out)}
         parser = self.shape.tools.parser() if self.shape.tools else None
         if parser is not None:
-            content, calls = parser.feed(out.text)
-            rest, more = parser.finish()
-            content, calls = content + rest, calls + more
+            content, calls = parser.parse(out.text)
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if calls:
                 message["content"] = content if content.strip() else None

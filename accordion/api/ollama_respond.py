@@ -90,9 +90,8 @@ async def respond(
         service.raise_for(out)
         if parser is None:
             return JSONResponse(final(out, out.text, out.logprobs))
-        content, calls = parser.feed(out.text)
-        rest, more = parser.finish()
-        return JSONResponse(with_calls(final(out, content + rest, out.logprobs), calls + more))
+        content, calls = parser.parse(out.text)
+        return JSONResponse(with_calls(final(out, content, out.logprobs), calls))
 
     def chunks(text: str, calls: list[ToolCall]) -> Iterator[bytes]:
         pieces = [(text, [])] if text else []

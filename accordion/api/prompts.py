@@ -27,6 +27,7 @@ from typing import Any
 from accordion.api.options import RequestOptions, merge, to_request_options
 from accordion.errors import InvalidRequestError
 from accordion.loader.chat_template import MAX_RENDER_CHARS, ChatTemplate, normalize_messages
+from accordion.loader.ollama_template import REPLY
 from accordion.server.manager import Loaded
 
 log = logging.getLogger("accordion.api")
@@ -136,9 +137,6 @@ def token_ids(loaded: Loaded, ids: list[int], field: str) -> list[int]:
     if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
         raise InvalidRequestError(f"{field} must be token ids in [0, {vocab})")
     return list(ids)
-
-
-REPLY = "\x00accordion-reply\x00"
 
 
 def request_template(loaded: Loaded, source: str | None) -> ChatTemplate | None:

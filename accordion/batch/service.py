@@ -163,11 +163,7 @@ class Batches:
         out, errors = folder / "output.jsonl", folder / "errors.jsonl"
         wrong = _other_urls(self.files.path(doc["input_file_id"]), doc["endpoint"])
         if wrong:  # OpenAI's rule: every line goes to the batch's endpoint
-            data = [
-                {"code": "invalid_request", "line": n, "message": m, "param": "url"}
-                for n, m in wrong
-            ]
-            errors_doc = {"object": "list", "data": data}
+            errors_doc = {"object": "list", "data": [_error(n, m, "url") for n, m in wrong]}
             self._update(batch_id, status="failed", failed_at=int(time.time()), errors=errors_doc)
             return
         try:
@@ -192,9 +188,9 @@ class Batches:
     def _progress(self, batch_id: str, progress: batch.Progress) -> None:
         with self._lock:
             doc = self.get(batch_id)
-            if doc["status"] == "validating":
+            if doc["status"] == "validating":  # the first report ends validation
                 doc["status"], doc["in_progress_at"] = "in_progress", int(time.time())
-            self._save(doc)
+                self._save(doc)
 
     def _finalize(self, doc: dict[str, Any], status: str) -> None:
         folder = self._folder(doc["id"])
@@ -269,14 +265,9 @@ def _errors(message: str) -> dict[str, Any]:
     for line in message.splitlines()[1:]:
         found = re.match(r"\s*line (\d+): (.*)", line)
         if found:
-            data.append(
-                {
-                    "code": "invalid_request",
-                    "line": int(found.group(1)),
-                    "message": found.group(2),
-                    "param": None,
-                }  # fmt: skip
-            )
-    if not data:
-        data.append({"code": "invalid_request", "line": None, "message": message, "param": None})
-    return {"object": "list", "data": data}
+            data.append(_error(int(found.group(1)), found.group(2)))
+    return {"object": "list", "data": data or [_error(None, message)]}
+
+
+def _error(line: int | None, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"code": "invalid_request", "line": line, "message": message, "param": param}

@@ -98,8 +98,8 @@ class Engine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in params.logit_bias):
             raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab})")
-        seq = Sequence(list(prompt_ids), params, limit, new_generator(params.seed))
-        seq.background = background
+        generator = new_generator(params.seed)
+        seq = Sequence(list(prompt_ids), params, limit, generator, background=background)
         # compiled here, so a bad grammar fails the call; callers on an event loop
         # compile first in a worker (`grammars.compile`), leaving a cache hit for this
         constraint = self.grammars.start(params.grammar) if params.grammar else None

@@ -9,7 +9,7 @@ from accordion.models.attention import AttentionBatch, SeqSlice
 from accordion.models.decoder import Decoder, ForwardBatch
 
 
-class ScratchKV:
+class _ScratchKV:
     """A throwaway contiguous cache: one block holds the whole input."""
 
     def __init__(self, decoder: Decoder, n: int) -> None:
@@ -35,7 +35,7 @@ def final_hidden(decoder: Decoder, ids: list[int]) -> torch.Tensor:
         attn=[AttentionBatch(torch.arange(n), [SeqSlice(0, n, n, [0])], n)],
         sample_rows=torch.empty(0, dtype=torch.long),
     )
-    return decoder.hidden_states(batch, ScratchKV(decoder, n))
+    return decoder.hidden_states(batch, _ScratchKV(decoder, n))
 
 
 @torch.inference_mode()

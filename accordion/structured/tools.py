@@ -118,6 +118,12 @@ class ToolParser:
             break
         return content, calls
 
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        """A whole output at once: its content and its calls."""
+        content, calls = self.feed(text)
+        rest, more = self.finish()
+        return content + rest, calls + more
+
     def finish(self) -> tuple[str, list[ToolCall]]:
         """The end of the output: what was held is a call or content."""
         text, self.buffer = self.buffer, ""
