@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import ollama
+import openai
 import pytest
 import torch
 from live_server import LiveServer
@@ -96,6 +98,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     live = LiveServer(tmp_path_factory.mktemp("models"))
     yield live
     live.stop()
+
+
+@pytest.fixture(scope="module")
+def ollama_client(server: LiveServer) -> ollama.Client:
+    """The official ollama client on the module's server."""
+    return ollama.Client(host=server.url, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def openai_client(server: LiveServer) -> openai.OpenAI:
+    """The official openai client on the module's server (no retries: errors show)."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
 
 
 def contiguous_logits(decoder: Decoder, cfg: ModelConfig, ids: list[int]) -> torch.Tensor:

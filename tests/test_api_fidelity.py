@@ -24,29 +24,19 @@ GREEDY = {"temperature": 0, "num_predict": 8}
 
 
 @pytest.fixture(scope="module")
-def client(server: LiveServer) -> ollama.Client:
-    return ollama.Client(host=server.url, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def oai(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
     return Tokenizer.from_gguf(open_gguf(resolve_model_path(MODEL)))
 
 
-def test_generate_returns_context_and_continues_from_it(client: ollama.Client) -> None:
-    first = client.generate(MODEL, prompt="My name is Ada. Say hi.", options=GREEDY)
+def test_generate_returns_context_and_continues_from_it(ollama_client: ollama.Client) -> None:
+    first = ollama_client.generate(MODEL, prompt="My name is Ada. Say hi.", options=GREEDY)
     assert first.context and len(first.context) > first.eval_count
-    second = client.generate(
+    second = ollama_client.generate(
         MODEL, prompt="What is my name?", context=first.context, options=GREEDY
     )
     assert second.context[: len(first.context)] == first.context  # the conversation grows
     assert len(second.context) > len(first.context) + second.eval_count
-    raw = client.generate(MODEL, prompt="Hello", raw=True, options=GREEDY)
+    raw = ollama_client.generate(MODEL, prompt="Hello", raw=True, options=GREEDY)
     assert not raw.context  # as Ollama: no context in raw mode
 
 
@@ -111,48 +101,56 @@ def test_fields_we_do_not_honour_are_400s(
     assert says in r.json()["error"]
 
 
-def test_think_false_is_fine(client: ollama.Client) -> None:
-    assert client.chat(MODEL, messages=[{"role": "user", "content": "hi"}], think=False).done
+def test_think_false_is_fine(ollama_client: ollama.Client) -> None:
+    assert ollama_client.chat(MODEL, messages=[{"role": "user", "content": "hi"}], think=False).done
 
 
-def test_show_formats_parameters_as_ollama_and_lists_embedding(client: ollama.Client) -> None:
-    client.create(model="quoted", from_=MODEL, parameters={"stop": ["\n\n", "User:"], "top_k": 5})
-    info = client.show("quoted")
+def test_show_formats_parameters_as_ollama_and_lists_embedding(
+    ollama_client: ollama.Client,
+) -> None:
+    ollama_client.create(
+        model="quoted", from_=MODEL, parameters={"stop": ["\n\n", "User:"], "top_k": 5}
+    )
+    info = ollama_client.show("quoted")
     assert "embedding" in info.capabilities and "completion" in info.capabilities
     lines = info.parameters.splitlines()
     assert f"{'stop':<30} " + '"\\n\\n"' in lines and f"{'stop':<30} " + '"User:"' in lines
     assert f"{'top_k':<30} 5" in lines
-    client.delete("quoted")
+    ollama_client.delete("quoted")
 
 
 def test_blobs_and_create_from_files(
-    server: LiveServer, client: ollama.Client, tmp_path: Path
+    server: LiveServer, ollama_client: ollama.Client, tmp_path: Path
 ) -> None:
     path = write_tiny(tmp_path / "tiny.gguf", TinySpec())
     digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     base = server.url
     assert httpx.head(f"{base}/api/blobs/{digest}").status_code == 404
-    assert client.create_blob(path) == digest
+    assert ollama_client.create_blob(path) == digest
     assert httpx.head(f"{base}/api/blobs/{digest}").status_code == 200
-    assert client.create(model="from-blob", files={"tiny.gguf": digest}).status == "success"
-    reply = client.generate("from-blob", prompt="abc", options={"num_predict": 3})
+    assert ollama_client.create(model="from-blob", files={"tiny.gguf": digest}).status == "success"
+    reply = ollama_client.generate("from-blob", prompt="abc", options={"num_predict": 3})
     assert reply.done and reply.eval_count == 3
-    client.delete("from-blob")
+    ollama_client.delete("from-blob")
     wrong = "sha256:" + "1" * 64
     r = httpx.post(f"{base}/api/blobs/{wrong}", content=path.read_bytes())
     assert r.status_code == 400 and "digest mismatch" in r.json()["error"]
     assert httpx.head(f"{base}/api/blobs/{wrong}").status_code == 404  # nothing kept
 
 
-def test_openai_token_id_inputs(oai: openai.OpenAI, tokenizer: Tokenizer) -> None:
+def test_openai_token_id_inputs(openai_client: openai.OpenAI, tokenizer: Tokenizer) -> None:
     text = "The capital of France is"
     ids = tokenizer.encode(text, add_bos=False)
-    by_text = oai.completions.create(model=MODEL, prompt=text, max_tokens=6, temperature=0)
-    by_ids = oai.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
+    by_text = openai_client.completions.create(
+        model=MODEL, prompt=text, max_tokens=6, temperature=0
+    )
+    by_ids = openai_client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
     assert by_ids.choices[0].text == by_text.choices[0].text
-    echoed = oai.completions.create(model=MODEL, prompt=[ids], max_tokens=0, echo=True)
+    echoed = openai_client.completions.create(model=MODEL, prompt=[ids], max_tokens=0, echo=True)
     assert echoed.choices[0].text == text
-    vectors = oai.embeddings.create(model=MODEL, input=[text, ids], encoding_format="float")
+    vectors = openai_client.embeddings.create(
+        model=MODEL, input=[text, ids], encoding_format="float"
+    )
     a, b = (d.embedding for d in vectors.data)
     assert a == pytest.approx(b, abs=1e-5)
 
@@ -175,9 +173,11 @@ GO_CHATML = """{{- range .Messages }}<|im_start|>{{ .Role }}
 
 
 def test_a_created_model_renders_through_its_go_template(
-    server: LiveServer, client: ollama.Client, tokenizer: Tokenizer
+    server: LiveServer, ollama_client: ollama.Client, tokenizer: Tokenizer
 ) -> None:
-    assert client.create(model="go-chatml", from_=MODEL, template=GO_CHATML).status == "success"
+    assert (
+        ollama_client.create(model="go-chatml", from_=MODEL, template=GO_CHATML).status == "success"
+    )
     messages = [{"role": "user", "content": "Name a colour."}]
     r = httpx.post(
         server.url + "/api/chat",
@@ -187,15 +187,15 @@ def test_a_created_model_renders_through_its_go_template(
     expected = "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
     assert r["prompt_eval_count"] + r["prompt_cache_count"] == len(tokenizer.encode(expected))
     # generate shows the rendered prompt: its context starts with the prompt's ids
-    done = client.generate("go-chatml", prompt="Name a colour.", options=GREEDY)
+    done = ollama_client.generate("go-chatml", prompt="Name a colour.", options=GREEDY)
     assert tokenizer.decode(done.context[: len(done.context) - done.eval_count]) == expected
-    client.delete("go-chatml")
+    ollama_client.delete("go-chatml")
 
 
 def test_a_per_request_template_renders_the_prompt(
-    client: ollama.Client, tokenizer: Tokenizer
+    ollama_client: ollama.Client, tokenizer: Tokenizer
 ) -> None:
-    done = client.generate(
+    done = ollama_client.generate(
         MODEL, prompt="2+2", template="Q: {{ .Prompt }}\nA:", options={"num_predict": 2}
     )
     assert tokenizer.decode(done.context[: len(done.context) - done.eval_count]) == "Q: 2+2\nA:"

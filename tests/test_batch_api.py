@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -39,6 +40,14 @@ def lines(n: int, max_tokens: int = 2, start: int = 0) -> bytes:
 
 def client_of(server: LiveServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=2, timeout=120)
+
+
+def submit(client: openai.OpenAI, name: str, data: bytes) -> Any:
+    """Upload `data` as a batch input and start a chat-completions batch on it."""
+    upload = client.files.create(file=(name, data), purpose="batch")
+    return client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
 
 
 def wait(client: openai.OpenAI, batch_id: str, until: set[str], seconds: float = 300) -> object:
@@ -106,20 +115,14 @@ def test_bad_lines_fail_the_batch_naming_them(models: Path) -> None:
     try:
         client = client_of(server)
         bad = lines(3) + b"{not json\n" + lines(1, start=0)  # line 4 broken, line 5 a repeat
-        upload = client.files.create(file=("bad.jsonl", bad), purpose="batch")
-        created = client.batches.create(
-            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
+        created = submit(client, "bad.jsonl", bad)
         failed = wait(client, created.id, {"failed", "completed"})
         assert failed.status == "failed"
         named = {e.line: e.message for e in failed.errors.data}
         assert 4 in named and 5 in named and "duplicate" in named[5]
         assert failed.output_file_id is None
         elsewhere = lines(2).replace(b"/v1/chat/completions", b"/v1/completions", 1)
-        upload = client.files.create(file=("url.jsonl", elsewhere), purpose="batch")
-        created = client.batches.create(
-            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
+        created = submit(client, "url.jsonl", elsewhere)
         failed = wait(client, created.id, {"failed", "completed"})
         assert failed.status == "failed" and failed.errors.data[0].line == 1
         assert "not the batch's endpoint" in failed.errors.data[0].message
@@ -131,12 +134,7 @@ def test_cancel_keeps_the_partial_output_and_list_pages(models: Path) -> None:
     server = LiveServer(models)
     try:
         client = client_of(server)
-        upload = client.files.create(
-            file=("long.jsonl", lines(400, max_tokens=24)), purpose="batch"
-        )
-        created = client.batches.create(
-            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
+        created = submit(client, "long.jsonl", lines(400, max_tokens=24))
         deadline = time.monotonic() + 120
         while client.batches.retrieve(created.id).request_counts.completed < 5:
             assert time.monotonic() < deadline
@@ -153,10 +151,7 @@ def test_cancel_keeps_the_partial_output_and_list_pages(models: Path) -> None:
         assert cancelled.status == "cancelled"
         ids = output_ids(client, cancelled.output_file_id)
         assert 0 < len(ids) < 400 and len(set(ids)) == len(ids)
-        small = client.files.create(file=("one.jsonl", lines(1)), purpose="batch")
-        client.batches.create(
-            input_file_id=small.id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
+        submit(client, "one.jsonl", lines(1))
         page = client.batches.list(limit=1)
         assert len(page.data) == 1 and page.has_more
         rest = client.batches.list(limit=100, after=page.data[0].id)
@@ -168,10 +163,7 @@ def test_cancel_keeps_the_partial_output_and_list_pages(models: Path) -> None:
 def test_a_server_killed_mid_batch_finishes_it_after_a_restart(models: Path) -> None:
     server = LiveServer(models)
     client = client_of(server)
-    upload = client.files.create(file=("kill.jsonl", lines(300, max_tokens=12)), purpose="batch")
-    created = client.batches.create(
-        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
+    created = submit(client, "kill.jsonl", lines(300, max_tokens=12))
     deadline = time.monotonic() + 120
     while (now := client.batches.retrieve(created.id)).request_counts.completed < 20:
         assert time.monotonic() < deadline

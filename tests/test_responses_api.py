@@ -1,4 +1,4 @@
-"""OpenAI's Responses API through the official client: text, streaming, conversations by
+"""OpenAI's Responses API through the official openai_client: text, streaming, conversations by
 previous_response_id, structured text, function calls, errors."""
 
 from __future__ import annotations
@@ -26,13 +26,8 @@ WEATHER = {
 }
 
 
-@pytest.fixture(scope="module")
-def client(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
-
-
-def test_create_answers_with_text_and_usage(client: openai.OpenAI) -> None:
-    done = client.responses.create(
+def test_create_answers_with_text_and_usage(openai_client: openai.OpenAI) -> None:
+    done = openai_client.responses.create(
         model=MODEL,
         instructions="Answer in one short sentence.",
         input="What is the capital of France?",
@@ -45,52 +40,54 @@ def test_create_answers_with_text_and_usage(client: openai.OpenAI) -> None:
     u = done.usage
     assert u.input_tokens > 0 and 0 < u.output_tokens <= 24
     assert u.total_tokens == u.input_tokens + u.output_tokens
-    assert client.responses.retrieve(done.id).output_text == done.output_text
+    assert openai_client.responses.retrieve(done.id).output_text == done.output_text
 
 
-def test_streaming_events_assemble_the_same_text(client: openai.OpenAI) -> None:
+def test_streaming_events_assemble_the_same_text(openai_client: openai.OpenAI) -> None:
     args = {"model": MODEL, "input": "Say hello.", "temperature": 0, "max_output_tokens": 12}
-    whole = client.responses.create(**args)
-    events = list(client.responses.create(**args, stream=True))
+    whole = openai_client.responses.create(**args)
+    events = list(openai_client.responses.create(**args, stream=True))
     kinds = [e.type for e in events]
     assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == whole.output_text == events[-1].response.output_text
     assert [e.sequence_number for e in events] == list(range(len(events)))
-    with client.responses.stream(**args) as stream:
+    with openai_client.responses.stream(**args) as stream:
         assert stream.get_final_response().output_text == whole.output_text
 
 
-def test_previous_response_id_continues_the_conversation(client: openai.OpenAI) -> None:
-    first = client.responses.create(
+def test_previous_response_id_continues_the_conversation(openai_client: openai.OpenAI) -> None:
+    first = openai_client.responses.create(
         model=MODEL, input="My name is Ada.", temperature=0, max_output_tokens=8
     )
-    second = client.responses.create(
+    second = openai_client.responses.create(
         model=MODEL,
         input="What is my name?",
         previous_response_id=first.id,
         temperature=0,
         max_output_tokens=8,
     )
-    alone = client.responses.create(
+    alone = openai_client.responses.create(
         model=MODEL, input="What is my name?", temperature=0, max_output_tokens=8
     )
     # the first turn and its answer are in the second's prompt
     assert second.usage.input_tokens > alone.usage.input_tokens + first.usage.output_tokens
     assert second.previous_response_id == first.id
-    unstored = client.responses.create(model=MODEL, input="Hi", store=False, max_output_tokens=2)
+    unstored = openai_client.responses.create(
+        model=MODEL, input="Hi", store=False, max_output_tokens=2
+    )
     with pytest.raises(openai.BadRequestError, match="not stored"):
-        client.responses.create(model=MODEL, input="x", previous_response_id=unstored.id)
+        openai_client.responses.create(model=MODEL, input="x", previous_response_id=unstored.id)
 
 
-def test_text_format_json_schema(client: openai.OpenAI) -> None:
+def test_text_format_json_schema(openai_client: openai.OpenAI) -> None:
     schema = {
         "type": "object",
         "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
         "required": ["city", "country"],
         "additionalProperties": False,
     }
-    done = client.responses.create(
+    done = openai_client.responses.create(
         model=MODEL,
         input="Name a city and its country.",
         text={"format": {"type": "json_schema", "name": "place", "schema": schema, "strict": True}},

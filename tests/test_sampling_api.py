@@ -22,11 +22,6 @@ MODEL = "smollm2"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def client(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
-
-
 def metric(server: LiveServer, kind: str) -> float:
     text = httpx.get(server.url + "/metrics", timeout=30).text
     pattern = rf'^accordion_tokens_total{{kind="{kind}",model="{MODEL}(?::latest)?"}} (\S+)$'
@@ -34,8 +29,8 @@ def metric(server: LiveServer, kind: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def test_chat_logprobs_with_top_alternatives(client: openai.OpenAI) -> None:
-    done = client.chat.completions.create(
+def test_chat_logprobs_with_top_alternatives(openai_client: openai.OpenAI) -> None:
+    done = openai_client.chat.completions.create(
         model=MODEL, messages=FRANCE, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3
     )
     choice = done.choices[0]
@@ -50,18 +45,18 @@ def test_chat_logprobs_with_top_alternatives(client: openai.OpenAI) -> None:
         assert values == sorted(values, reverse=True)
 
 
-def test_streamed_chat_logprobs_equal_the_whole_ones(client: openai.OpenAI) -> None:
+def test_streamed_chat_logprobs_equal_the_whole_ones(openai_client: openai.OpenAI) -> None:
     args = {"model": MODEL, "messages": FRANCE, "temperature": 0, "max_tokens": 8}
-    whole = client.chat.completions.create(**args, logprobs=True).choices[0].logprobs.content
-    chunks = list(client.chat.completions.create(**args, logprobs=True, stream=True))
+    whole = openai_client.chat.completions.create(**args, logprobs=True).choices[0].logprobs.content
+    chunks = list(openai_client.chat.completions.create(**args, logprobs=True, stream=True))
     pieces = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
     streamed = [e for piece in pieces for e in piece.content]
     assert [e.token for e in streamed] == [e.token for e in whole]
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in whole], abs=1e-4)
 
 
-def test_legacy_completion_logprobs(client: openai.OpenAI) -> None:
-    done = client.completions.create(
+def test_legacy_completion_logprobs(openai_client: openai.OpenAI) -> None:
+    done = openai_client.completions.create(
         model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0, logprobs=2
     )
     lp = done.choices[0].logprobs
@@ -71,9 +66,9 @@ def test_legacy_completion_logprobs(client: openai.OpenAI) -> None:
     assert all(len(top) == 2 for top in lp.top_logprobs)
 
 
-def test_echo_with_logprobs_and_no_tokens_scores_the_prompt(client: openai.OpenAI) -> None:
+def test_echo_with_logprobs_and_no_tokens_scores_the_prompt(openai_client: openai.OpenAI) -> None:
     prompt = "The capital of France is Paris"
-    done = client.completions.create(
+    done = openai_client.completions.create(
         model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0
     )
     choice = done.choices[0]
@@ -83,11 +78,11 @@ def test_echo_with_logprobs_and_no_tokens_scores_the_prompt(client: openai.OpenA
     assert all(v <= 0 and math.isfinite(v) for v in lp.token_logprobs[1:])
     assert lp.text_offset[0] == 0 and lp.text_offset[-1] == prompt.rindex(lp.tokens[-1])
     # The next token's logprob when decoding equals its score when the text is echoed.
-    more = client.completions.create(
+    more = openai_client.completions.create(
         model=MODEL, prompt=prompt, max_tokens=1, logprobs=0, temperature=0
     )
     token = more.choices[0].text
-    extended = client.completions.create(
+    extended = openai_client.completions.create(
         model=MODEL, prompt=prompt + token, max_tokens=0, echo=True, logprobs=0
     )
     assert extended.choices[0].logprobs.tokens[-1] == token
@@ -96,11 +91,13 @@ def test_echo_with_logprobs_and_no_tokens_scores_the_prompt(client: openai.OpenA
     )
 
 
-def test_n_choices_share_one_prompt_evaluation(server: LiveServer, client: openai.OpenAI) -> None:
+def test_n_choices_share_one_prompt_evaluation(
+    server: LiveServer, openai_client: openai.OpenAI
+) -> None:
     words = " ".join(uuid.uuid4().hex for _ in range(40))  # nothing cached can match it
     messages = [{"role": "user", "content": f"Repeat after me: {words}"}]
     prompt0, cached0 = metric(server, "prompt"), metric(server, "cached")
-    done = client.chat.completions.create(
+    done = openai_client.chat.completions.create(
         model=MODEL, messages=messages, n=3, temperature=1.0, seed=11, max_tokens=6
     )
     assert [c.index for c in done.choices] == [0, 1, 2]
@@ -109,16 +106,16 @@ def test_n_choices_share_one_prompt_evaluation(server: LiveServer, client: opena
     # the prompt once (less the template's cached head); choices 1 and 2 their last block
     assert prompt / 2 < evaluated <= prompt + 2 * 16
     assert 3 <= done.usage.completion_tokens <= 3 * 6  # every choice's tokens
-    again = client.chat.completions.create(
+    again = openai_client.chat.completions.create(
         model=MODEL, messages=messages, n=3, temperature=1.0, seed=11, max_tokens=6
     )
     assert [c.message.content for c in again.choices] == [c.message.content for c in done.choices]
     assert len({c.message.content for c in done.choices}) > 1  # seed + i per choice
 
 
-def test_n_choices_stream_interleaved(client: openai.OpenAI) -> None:
+def test_n_choices_stream_interleaved(openai_client: openai.OpenAI) -> None:
     chunks = list(
-        client.chat.completions.create(
+        openai_client.chat.completions.create(
             model=MODEL, messages=FRANCE, n=2, temperature=0.8, seed=3, max_tokens=8, stream=True
         )
     )
@@ -130,14 +127,14 @@ def test_n_choices_stream_interleaved(client: openai.OpenAI) -> None:
             if choice.finish_reason:
                 finished.add(choice.index)
     assert finished == {0, 1} and all(texts.values())
-    whole = client.chat.completions.create(
+    whole = openai_client.chat.completions.create(
         model=MODEL, messages=FRANCE, n=2, temperature=0.8, seed=3, max_tokens=8
     )
     assert [texts[0], texts[1]] == [c.message.content for c in whole.choices]
 
 
-def test_ignore_eos_runs_to_max_tokens(client: openai.OpenAI) -> None:
-    done = client.completions.create(
+def test_ignore_eos_runs_to_max_tokens(openai_client: openai.OpenAI) -> None:
+    done = openai_client.completions.create(
         model=MODEL,
         prompt="Hi",
         max_tokens=40,
@@ -147,12 +144,14 @@ def test_ignore_eos_runs_to_max_tokens(client: openai.OpenAI) -> None:
     assert done.usage.completion_tokens == 40 and done.choices[0].finish_reason == "length"
 
 
-def test_logit_bias_bans_the_greedy_token(client: openai.OpenAI) -> None:
+def test_logit_bias_bans_the_greedy_token(openai_client: openai.OpenAI) -> None:
     args = {"model": MODEL, "messages": FRANCE, "temperature": 0, "max_tokens": 4}
-    first = client.chat.completions.create(**args, logprobs=True).choices[0].logprobs.content[0]
+    first = (
+        openai_client.chat.completions.create(**args, logprobs=True).choices[0].logprobs.content[0]
+    )
     tokenizer = Tokenizer.from_gguf(open_gguf(resolve_model_path(MODEL)))
     (token_id,) = tokenizer.encode(first.token, add_bos=False)
-    banned = client.chat.completions.create(
+    banned = openai_client.chat.completions.create(
         **args, logprobs=True, top_logprobs=5, logit_bias={str(token_id): -100}
     )
     entry = banned.choices[0].logprobs.content[0]
@@ -160,9 +159,8 @@ def test_logit_bias_bans_the_greedy_token(client: openai.OpenAI) -> None:
     assert first.token not in [t.token for t in entry.top_logprobs]  # -inf: not listed
 
 
-def test_ollama_logprobs(server: LiveServer) -> None:
-    client = ollama.Client(host=server.url, timeout=120)
-    reply = client.chat(
+def test_ollama_logprobs(server: LiveServer, ollama_client: ollama.Client) -> None:
+    reply = ollama_client.chat(
         MODEL,
         messages=FRANCE,
         logprobs=True,
@@ -173,7 +171,7 @@ def test_ollama_logprobs(server: LiveServer) -> None:
     assert "".join(e.token for e in reply.logprobs) == reply.message.content
     assert all(len(e.top_logprobs) == 2 for e in reply.logprobs)
     chunks = list(
-        client.generate(
+        ollama_client.generate(
             MODEL,
             prompt="The capital of France is",
             logprobs=True,

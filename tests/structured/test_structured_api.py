@@ -25,16 +25,6 @@ class Person(BaseModel):
     colour: Literal["red", "green", "blue"]
 
 
-@pytest.fixture(scope="module")
-def ollama_client(server: LiveServer) -> ollama.Client:
-    return ollama.Client(host=server.url, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def openai_client(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
-
-
 def test_ollama_chat_format_schema_parses_into_the_model(ollama_client: ollama.Client) -> None:
     for seed in range(3):
         reply = ollama_client.chat(
