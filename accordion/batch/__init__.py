@@ -33,10 +33,19 @@ from accordion.batch.job import (
 )
 from accordion.batch.lines import Defaults
 from accordion.batch.runner import Progress, Runner
-from accordion.batch.target import Target
+from accordion.batch.target import Target, local_server
 
 __all__ = ["Progress", "RefusedError", "cancel", "jobs", "resume", "run", "status"]
-RUN_OPTIONS = ("endpoint", "api", "max_inflight", "kv_budget", "retries")
+RUN_OPTIONS = (
+    "endpoint",
+    "api",
+    "max_inflight",
+    "kv_budget",
+    "retries",
+    "ray",
+    "workers",
+    "cpus_per_worker",
+)
 
 
 def run(
@@ -56,7 +65,8 @@ def run(
 ) -> Progress:
     """Run (or, for the same input and output, resume) a job; returns its final progress.
 
-    `how` takes the run options: endpoint, api, max_inflight, kv_budget, retries."""
+    `how` takes the run options: endpoint, api, max_inflight (per engine), kv_budget,
+    retries, and for Ray: ray ("auto", "local" or an address), workers, cpus_per_worker."""
     if mode not in ("independent", "conversation"):
         raise ValueError(f"mode must be independent or conversation, got {mode!r}")
     if on_bad_line not in ("fail", "skip"):
@@ -99,10 +109,17 @@ def _run_options(how: dict[str, Any]) -> dict[str, Any]:
 def execute(
     directory: Path, settings: Settings, on_progress: Callable[[Progress], None] | None
 ) -> Progress:
+    _check_spread(settings)
     job = Job(directory)
     try:
         job.lock()
         scan = job.prepare(settings)
+        if settings.ray:
+            from accordion.batch.cluster import Cluster
+
+            runner = Runner(job, settings, scan, Cluster.start(settings, scan.model), on_progress)
+            with _stop_on_interrupt(runner):
+                return asyncio.run(runner.run())
         if settings.endpoint:
             target = Target.endpoint(settings.endpoint, settings.api, settings.retries)
             runner = Runner(job, settings, scan, target, on_progress)
@@ -113,23 +130,22 @@ def execute(
         job.close()
 
 
+def _check_spread(settings: Settings) -> None:
+    if settings.ray is None:
+        if settings.endpoint and "," in settings.endpoint:
+            raise RefusedError("several endpoints need --ray: each Ray worker talks to one")
+        return
+    if settings.mode == "conversation":
+        raise RefusedError("conversation mode is one chat at a time: it does not spread over Ray")
+    if settings.workers is not None and settings.workers < 1:
+        raise RefusedError(f"workers must be at least 1, got {settings.workers}")
+
+
 def _embedded(
     job: Job, settings: Settings, scan: Scan, on_progress: Callable[[Progress], None] | None
 ) -> Progress:
-    from accordion.api.app import create_app
-    from accordion.api.security import Policy
-    from accordion.engine.engine import EngineConfig
-    from accordion.server.manager import ModelManager
-    from accordion.server.store import ModelStore, allowed_paths, default_root
-
-    root = default_root()
-    store = ModelStore(root, allowed_paths(root))
-    manager = ModelManager(
-        store,
-        max_queue=max(512, 2 * settings.max_inflight),  # the job's in-flight is never a 503
-        engine_config=EngineConfig(kv_budget_bytes=settings.kv_budget),
-    )
-    runner = Runner(job, settings, scan, Target.embedded(create_app(manager, store, Policy())))
+    manager, app = local_server(settings.kv_budget, settings.max_inflight)
+    runner = Runner(job, settings, scan, Target.embedded(app))
     runner.on_progress = on_progress or runner.on_progress
     outcome: dict[str, Any] = {}
 

@@ -50,6 +50,9 @@ class Settings:
     max_inflight: int = 128  # large decode batches pay; preemptions lower it as memory needs
     kv_budget: int | None = None
     retries: int = 6
+    ray: str | None = None  # spread over a Ray cluster: "auto", "local" or its address
+    workers: int | None = None  # Ray workers (default: one per node, or per endpoint)
+    cpus_per_worker: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

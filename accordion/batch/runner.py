@@ -59,6 +59,8 @@ class Progress:
     state: str = "running"
     plan: str | None = None  # conversation mode: how it cuts chunks
     chunks: int = 0
+    workers: int = 1  # Ray: live workers, and requests a dead one held that ran again
+    requeued: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -119,6 +121,7 @@ class Runner:
             for sink in self.sinks.values():
                 sink.close()
             self.job.store.put(state=self.progress.state)
+            self._note_target()
             await self.target.close()
             self.on_progress(self.progress)
         return self.progress
@@ -153,6 +156,9 @@ class Runner:
             complete = self.progress.done >= self.progress.total
             self.progress.state = "finished" if complete else "interrupted"
 
+    def _note_target(self) -> None:
+        self.progress.workers, self.progress.requeued = self.target.workers, self.target.requeued
+
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
@@ -162,6 +168,7 @@ class Runner:
         if time.monotonic() - self._last_check < ADAPT_S:
             return
         self._last_check = time.monotonic()
+        self._note_target()
         await self._adapt(inflight)
         if self.job.store.get("state") == "cancelling":
             self.progress.state = "cancelled"
@@ -252,7 +259,7 @@ class Runner:
     def _plan(self, stats: dict[str, Any] | None, shared: int) -> None:
         """In flight: what probe.plan fits in the KV budget for requests of the sizes seen
         so far, the shared prefix held once (8 without numbers)."""
-        p, cap = self.progress, max(1, self.settings.max_inflight)
+        p, cap = self.progress, self._cap()
         limit = min(cap, 8)
         if stats is not None and p.finished_here:
             self._preempted = stats.get("preemptions", 0)
@@ -266,6 +273,10 @@ class Runner:
             limit = max(1, min(cap, fitted.concurrency))
         p.limit = p.planned = limit
         p.lowest_limit = limit
+
+    def _cap(self) -> int:
+        """`max_inflight` is per engine: a Ray job's target has several."""
+        return max(1, self.settings.max_inflight) * max(self.target.workers, 1)
 
     def _answer_tokens(self) -> int:
         sampling = self.settings.defaults.sampling
@@ -325,7 +336,7 @@ class Runner:
         stats = await self.model_stats()
         if stats is None:
             return False
-        p, cap = self.progress, max(1, self.settings.max_inflight)
+        p, cap = self.progress, self._cap()
         kv = stats["kv"]
         p.kv_used_bytes, p.kv_budget_bytes = kv["used_bytes"], kv["budget_bytes"]
         p.kv_bytes_per_token = kv["bytes_per_token"]

@@ -28,6 +28,28 @@ from accordion.batch.lines import CHAT, EMBEDDINGS
 RETRY_STATUS = {429, 502, 503, 504}
 
 
+def local_server(
+    kv_budget: int | None, max_inflight: int, keep_alive: float | None = None
+) -> tuple[Any, Any]:
+    """The server's own model manager and app in this process, sized for a job: its
+    in-flight requests are never a 503 (the caller drives the manager)."""
+    from accordion.api.app import create_app
+    from accordion.api.security import Policy
+    from accordion.engine.engine import EngineConfig
+    from accordion.server.manager import ModelManager
+    from accordion.server.store import ModelStore, allowed_paths, default_root
+
+    root = default_root()
+    store = ModelStore(root, allowed_paths(root))
+    manager = ModelManager(
+        store,
+        default_keep_alive=keep_alive,
+        max_queue=max(512, 2 * max_inflight),
+        engine_config=EngineConfig(kv_budget_bytes=kv_budget),
+    )
+    return manager, create_app(manager, store, Policy())
+
+
 class Unreachable(ConnectionError):
     """The target did not answer through every retry."""
 
@@ -40,6 +62,9 @@ class Reply:
 
 
 class Target:
+    workers = 1  # engines behind it (a Ray cluster has several) ...
+    requeued = 0  # ... and what they lost and ran again
+
     def __init__(
         self, client: httpx.AsyncClient, api: str = "openai", retries: int = 6, backoff: float = 0.5
     ) -> None:

@@ -23,12 +23,32 @@ Input = Annotated[Path, typer.Argument(help="OpenAI Batch JSONL, or the short fo
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output JSONL (completion order).")]
 JobDir = Annotated[Path, typer.Argument(help="The job's directory.")]
 Endpoint = Annotated[
-    str | None, typer.Option(help="A running server's URL (default: the engine in this process).")
+    str | None,
+    typer.Option(
+        help="A running server's URL (default: the engine in this process); with --ray,"
+        " several, comma-separated."
+    ),
 ]
 Api = Annotated[str | None, typer.Option(help="The endpoint's dialect: openai or ollama.")]
-MaxInflight = Annotated[int | None, typer.Option(help="Cap on requests in flight (default 128).")]
+MaxInflight = Annotated[
+    int | None, typer.Option(help="Cap on requests in flight per engine (default 128).")
+]
 KvBudget = Annotated[int | None, typer.Option(help="KV cache budget in bytes (embedded).")]
 Retries = Annotated[int | None, typer.Option(help="Retries of a request the target refused.")]
+Ray = Annotated[
+    str | None,
+    typer.Option(
+        help="Spread the job over Ray: auto (the cluster running here), local (start one)"
+        " or the cluster's address. Needs accordion[ray]."
+    ),
+]
+Workers = Annotated[
+    int | None,
+    typer.Option(help="Ray workers, each an engine (default: one per node) or a client."),
+]
+CpusPerWorker = Annotated[
+    float | None, typer.Option(help="CPUs each Ray worker takes (default: an even share).")
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
@@ -68,6 +88,9 @@ def run(
     max_inflight: MaxInflight = None,
     kv_budget: KvBudget = None,
     retries: Retries = None,
+    ray: Ray = None,
+    workers: Workers = None,
+    cpus_per_worker: CpusPerWorker = None,
     quiet: Quiet = False,
 ) -> None:
     """Run a job (the same INPUT and OUT again resume it)."""
@@ -97,6 +120,9 @@ def run(
             max_inflight=max_inflight,
             kv_budget=kv_budget,
             retries=retries,
+            ray=ray,
+            workers=workers,
+            cpus_per_worker=cpus_per_worker,
         )
     _summary(progress)
 
@@ -109,6 +135,9 @@ def resume(
     max_inflight: MaxInflight = None,
     kv_budget: KvBudget = None,
     retries: Retries = None,
+    ray: Ray = None,
+    workers: Workers = None,
+    cpus_per_worker: CpusPerWorker = None,
     quiet: Quiet = False,
 ) -> None:
     """Continue a job: finished requests are never run again."""
@@ -121,6 +150,9 @@ def resume(
             max_inflight=max_inflight,
             kv_budget=kv_budget,
             retries=retries,
+            ray=ray,
+            workers=workers,
+            cpus_per_worker=cpus_per_worker,
         )
     _summary(progress)
 
@@ -211,6 +243,7 @@ def _summary(p: batch.Progress) -> None:
         f" requests at {requests:.2f} req/s, {tokens:.0f} tok/s; prompt cache hits"
         f" {100 * p.hit_rate:.1f}%; in flight planned {p.planned}, lowest {p.lowest_limit},"
         f" final {p.limit}, peak {p.peak_inflight}; preemptions {p.preemptions}"
+        + (f"; Ray workers {p.workers}, requeued {p.requeued}" if p.workers > 1 else "")
     )
     if p.state != "finished":
         sys.exit(3 if p.state == "interrupted" else 0)

@@ -225,9 +225,10 @@ class ModelManager:
                 result, error = None, e
             loop.call_soon_threadsafe(_settle, future, result, error)
 
-    def drive(self) -> None:
-        """Step every engine with work; expire and shrink idle ones; until `stop`."""
-        while not self._stopping:
+    def drive(self, until: Callable[[], bool] | None = None) -> None:
+        """Step every engine with work; expire and shrink idle ones; until `stop` (or until
+        `until()` holds: a Ray worker drives between its calls, see batch/worker.py)."""
+        while not self._stopping and not (until is not None and until()):
             self._run_calls()
             self.stats.tick(list(self.loaded.values()))
             busy = False
