@@ -27,7 +27,8 @@ LONG = " ".join(["the river runs past the stone house and the old mill"] * 140)
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    server = LiveServer(tmp_path_factory.mktemp("stats"))
+    folder = tmp_path_factory.mktemp("stats")
+    server = LiveServer(folder, env={"ACCORDION_BATCHES": str(folder / "jobs")})
     yield server
     server.stop()
 
@@ -165,5 +166,57 @@ def test_the_page_draws_memory_following_requests(live: LiveServer) -> None:
         browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
+    finally:
+        browser.quit()
+
+
+def test_the_page_lists_batch_jobs_and_api_batches(
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import openai
+
+    from accordion import batch
+
+    jobs = live.log.parent / "jobs"  # the server's ACCORDION_BATCHES
+    monkeypatch.setenv("ACCORDION_BATCHES", str(jobs))
+    rows = [{"custom_id": f"d{i}", "prompt": f"Name a fruit ({i})."} for i in range(3)]
+    inp = tmp_path / "fruit.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sampling = {"max_tokens": 3, "temperature": 0}
+    progress = batch.run(inp, tmp_path / "out.jsonl", model=MODEL, sampling=sampling,
+                         job_dir=jobs / "fruit-job", endpoint=live.url)  # fmt: skip
+    assert progress.state == "finished"
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="x")
+    lines = [{"custom_id": r["custom_id"], "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": MODEL, "messages": [{"role": "user", "content": r["prompt"]}],
+                       **sampling}} for r in rows]  # fmt: skip
+    upload = client.files.create(
+        file=("in.jsonl", "".join(json.dumps(r) + "\n" for r in lines).encode()), purpose="batch"
+    )
+    created = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    deadline = time.monotonic() + 120
+    while client.batches.retrieve(created.id).status != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    listed = {b["name"]: b for b in httpx.get(live.url + "/api/batches").json()["batches"]}
+    assert listed["fruit-job"] == {"name": "fruit-job", "kind": "job", "state": "finished",
+                                   "model": MODEL, "done": 3, "total": 3, "failed": 0}  # fmt: skip
+    assert listed[created.id]["kind"] == "batch" and listed[created.id]["done"] == 3
+    browser = _browser()
+    try:
+        browser.get(live.url + "/dashboard/")
+        deadline = time.monotonic() + 20
+        while True:
+            shown = browser.execute_script(
+                "return [...document.querySelectorAll('#batches .batch')].map(r => r.innerText)"
+            )
+            if len(shown) >= 2:
+                break
+            assert time.monotonic() < deadline, shown
+            time.sleep(0.3)
+        assert any("fruit-job (job" in row and "finished · 3 / 3" in row for row in shown), shown
+        assert any(created.id in row and "3 / 3" in row for row in shown), shown
     finally:
         browser.quit()

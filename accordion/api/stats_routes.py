@@ -51,6 +51,17 @@ async def stream(request: Request) -> StreamingResponse:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+@router.get("/api/batches")
+async def batches() -> dict[str, Any]:
+    """Batch jobs on this machine (`accordion batch`, Ray jobs included, and this server's
+    Batch API batches) with their counts; no paths: only names."""
+    from accordion import batch
+
+    shown = ("name", "kind", "state", "model", "done", "total", "failed")
+    found = await asyncio.to_thread(batch.jobs)  # SQLite reads: off the event loop
+    return {"batches": [{key: job.get(key) for key in shown} for job in found]}
+
+
 def mount_dashboard(app: Any) -> None:
     """/dashboard/: static files from the package (no CDN: it works offline)."""
     app.mount("/dashboard", StaticFiles(directory=DASHBOARD, html=True), name="dashboard")

@@ -226,28 +226,29 @@ def status(job_dir: str | Path) -> dict[str, Any]:
 
 def jobs(root: Path | None = None) -> list[dict[str, Any]]:
     """The status of every job under the default jobs folder (or `root`), and of the
-    batches `accordion serve` runs for the Batch API (in its store's `batches/`)."""
+    batches `accordion serve` runs for the Batch API (in its store's `batches/`); each
+    with a `name` (the folder, or the batch id) and a `kind` ("job" or "batch")."""
     from accordion.server.store import default_root
 
     root = root or batches_root()
-    found = sorted(p.parent for p in root.glob("*/job.db")) if root.is_dir() else []
+    found = [(p.parent, "job") for p in sorted(root.glob("*/job.db"))] if root.is_dir() else []
     served = default_root() / "batches"
-    found += sorted(p.parent for p in served.glob("batch_*/job/job.db"))
+    found += [(p.parent, "batch") for p in sorted(served.glob("batch_*/job/job.db"))]
     out = []
-    for directory in found:
+    for directory, kind in found:
+        name = directory.parent.name if kind == "batch" else directory.name
         try:
-            out.append(status(directory))
+            doc = status(directory)
         except RefusedError:  # its input had bad lines: it holds nothing to show
-            out.append(
-                {
-                    "job_dir": str(directory),
-                    "state": "not started",
-                    "done": 0,
-                    "total": 0,
-                    "failed": 0,
-                    "model": "",
-                }
-            )
+            doc = {
+                "job_dir": str(directory),
+                "state": "not started",
+                "done": 0,
+                "total": 0,
+                "failed": 0,
+                "model": "",
+            }
+        out.append({"name": name, "kind": kind, **doc})
     return out
 
 

@@ -2,7 +2,7 @@
 // An API key, if the server wants one, comes as /dashboard/#key=... (kept for the tab).
 "use strict";
 
-const state = { samples: [], events: [], charts: {}, windowS: 300, lastT: 0 };
+const state = { samples: [], events: [], charts: {}, windowS: 300, lastT: 0, polls: 0 };
 window.dashboard = state; // read by tests/test_dashboard.py
 
 const key = new URLSearchParams(location.hash.slice(1)).get("key") ||
@@ -128,11 +128,24 @@ function table(sample) {
   }
 }
 
+// Batch jobs (accordion batch, over Ray or not, and the Batch API's): /api/batches.
 function batches(jobs) {
-  if (!jobs || !jobs.length) return;
-  document.getElementById("batches").innerHTML = jobs.map((j) =>
-    `<div>${j.id}: ${j.done} / ${j.total}<div class="bar"><div style="width:${100 * j.done / Math.max(j.total, 1)}%"></div></div></div>`
-  ).join("");
+  const box = document.getElementById("batches");
+  if (!jobs.length) return;
+  box.replaceChildren(...jobs.map((j) => {
+    const row = document.createElement("div");
+    row.className = "batch";
+    const label = document.createElement("span");
+    const failed = j.failed ? ` · ${j.failed} failed` : "";
+    label.textContent = `${j.name} (${j.kind}, ${j.model}): ${j.state} · ${j.done} / ${j.total}${failed}`;
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    const fill = document.createElement("div");
+    fill.style.width = `${100 * j.done / Math.max(j.total, 1)}%`;
+    bar.appendChild(fill);
+    row.append(label, bar);
+    return row;
+  }));
 }
 
 function take(history) {
@@ -144,7 +157,6 @@ function take(history) {
   const since = state.lastT - state.windowS;
   state.samples = state.samples.filter((s) => s.t >= since);
   state.events = state.events.filter((e) => e.t >= since);
-  batches(state.samples.at(-1)?.batches);
 }
 
 async function poll() {
@@ -152,6 +164,7 @@ async function poll() {
     const seconds = state.lastT ? 5 : state.windowS;
     take(await get(`/api/stats/history?seconds=${seconds}`));
     redraw();
+    if (state.polls++ % 3 === 0) batches((await get("/api/batches")).batches);
     document.getElementById("status").textContent =
       `live · ${state.samples.length} samples · ${new Date().toLocaleTimeString()}`;
   } catch (error) {
