@@ -67,6 +67,17 @@ def output_ids(client: openai.OpenAI, file_id: str | None) -> list[str]:
     return [json.loads(row)["custom_id"] for row in text.splitlines() if row.strip()]
 
 
+def error_codes(client: openai.OpenAI, file_id: str | None) -> dict[str, str]:
+    """custom_id -> error code of each line of an error file (asserting each id once)."""
+    rows = (
+        [json.loads(r) for r in client.files.content(file_id).text.splitlines() if r]
+        if file_id
+        else []
+    )
+    assert len({r["custom_id"] for r in rows}) == len(rows)
+    return {r["custom_id"]: r["error"]["code"] for r in rows}
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("batch-api")
@@ -151,11 +162,33 @@ def test_cancel_keeps_the_partial_output_and_list_pages(models: Path) -> None:
         assert cancelled.status == "cancelled"
         ids = output_ids(client, cancelled.output_file_id)
         assert 0 < len(ids) < 400 and len(set(ids)) == len(ids)
+        never_ran = error_codes(client, cancelled.error_file_id)
+        assert set(never_ran.values()) == {"batch_cancelled"}
+        assert sorted([*ids, *never_ran]) == sorted(f"req-{i}" for i in range(400))
+        assert cancelled.request_counts.failed == len(never_ran)
         submit(client, "one.jsonl", lines(1))
         page = client.batches.list(limit=1)
         assert len(page.data) == 1 and page.has_more
         rest = client.batches.list(limit=100, after=page.data[0].id)
         assert page.data[0].id not in {b.id for b in rest.data} and rest.data
+    finally:
+        server.stop()
+
+
+def test_a_batch_past_its_window_expires_with_its_partial_output(models: Path) -> None:
+    server = LiveServer(models, env={"ACCORDION_BATCH_WINDOW": "5s"})
+    try:
+        client = client_of(server)
+        created = submit(client, "slow.jsonl", lines(400, max_tokens=24))
+        assert created.expires_at - created.created_at == 5
+        expired = wait(client, created.id, {"expired", "completed"})
+        assert expired.status == "expired" and expired.expired_at >= created.expires_at
+        ids = output_ids(client, expired.output_file_id)
+        never_ran = error_codes(client, expired.error_file_id)
+        assert ids and never_ran and set(never_ran.values()) == {"batch_expired"}
+        assert sorted([*ids, *never_ran]) == sorted(f"req-{i}" for i in range(400))
+        counts = expired.request_counts
+        assert (counts.total, counts.completed, counts.failed) == (400, len(ids), len(never_ran))
     finally:
         server.stop()
 

@@ -15,8 +15,10 @@ not recorded and resume redoes them; a second Ctrl-C stops at once.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -31,11 +33,12 @@ from accordion.batch.job import (
     default_dir,
     errors_path,
 )
-from accordion.batch.lines import Defaults
+from accordion.batch.lines import Defaults, read
 from accordion.batch.runner import Progress, Runner
+from accordion.batch.store import Result, Sink
 from accordion.batch.target import Target, local_server
 
-__all__ = ["Progress", "RefusedError", "cancel", "jobs", "resume", "run", "status"]
+__all__ = ["Progress", "RefusedError", "abandon", "cancel", "jobs", "resume", "run", "status"]
 RUN_OPTIONS = (
     "endpoint",
     "api",
@@ -261,6 +264,45 @@ def cancel(job_dir: str | Path) -> bool:
         return running
     finally:
         job.close()
+
+
+def abandon(job_dir: str | Path, code: str, message: str) -> int:
+    """Give every request without a result an error line instead (`code`, e.g. the Batch
+    API's batch_expired): committed like any result, so once however often it runs.
+    Returns how many. The job must not be running."""
+    job = _existing(Path(job_dir))
+    try:
+        job.lock()
+        settings = job.settings
+        assert settings is not None
+        scan = job.store.get("scan")
+        done = job.store.done_lines(scan["last_line"])
+        sink = Sink(Path(settings.errors), ok=False)
+        sink.open(job.store)
+        pending = [
+            Result(number, _custom_id(raw), False, "")
+            for number, raw in read(Path(settings.input))
+            if not done[number]
+        ]
+        for result in pending:
+            error = {"code": code, "message": message}
+            record = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": result.custom_id}
+            result.record = json.dumps({**record, "response": None, "error": error})
+        for start in range(0, len(pending), 1000):
+            chunk = pending[start : start + 1000]
+            job.store.commit(chunk)
+            sink.write([r.record for r in chunk])
+        sink.close()
+        return len(pending)
+    finally:
+        job.close()
+
+
+def _custom_id(raw: bytes) -> str | None:
+    try:
+        return str(json.loads(raw)["custom_id"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _existing(directory: Path) -> Job:

@@ -9,13 +9,19 @@ killed mid-batch resumes it when it starts again: exactly once, as any job resum
 
 Statuses follow OpenAI's: validating (the first pass over the input), failed (bad
 lines: `errors` names them; nothing ran), in_progress, finalizing (the outputs become
-files), completed; cancelling then cancelled keep the partial output.
+files), completed; cancelling then cancelled keep the partial output. A batch still
+running at `expires_at` (24 hours after it was created; ACCORDION_BATCH_WINDOW shortens
+the window on a busy server) stops there and ends expired, with its partial output.
+Requests a cancelled or expired batch never ran get error lines (batch_cancelled,
+batch_expired), so every custom_id is in one of its two files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -28,10 +34,11 @@ from accordion import batch
 from accordion.batch.files import FileStore
 from accordion.batch.job import RefusedError
 from accordion.errors import InvalidRequestError
+from accordion.server.durations import parse_keep_alive
 
 log = logging.getLogger("accordion.batch")
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-WINDOW_S = 24 * 3600
+WINDOW_S = parse_keep_alive(os.environ.get("ACCORDION_BATCH_WINDOW", "24h"))
 SERVER_INFLIGHT = 32  # a batch leaves the server room for interactive requests
 OPEN = ("validating", "in_progress", "finalizing", "cancelling")
 
@@ -70,7 +77,7 @@ class Batches:
             "error_file_id": None,
             "created_at": now,
             "in_progress_at": None,
-            "expires_at": now + WINDOW_S,
+            "expires_at": now + int(WINDOW_S),
             "finalizing_at": None,
             "completed_at": None,
             "failed_at": None,
@@ -157,8 +164,15 @@ class Batches:
     def _run(self, batch_id: str) -> None:
         doc = self.get(batch_id)
         folder = self._folder(batch_id)
+        ending = self._ending(folder)
+        if ending is not None:  # the server stopped while it finalized: finish that
+            self._finalize(doc, ending)
+            return
         if doc["status"] == "cancelling" and not (folder / "job" / "job.db").is_file():
             self._finalize(doc, "cancelled")
+            return
+        if time.time() >= doc["expires_at"]:  # its window passed while it waited
+            self._finalize(doc, "expired")
             return
         out, errors = folder / "output.jsonl", folder / "errors.jsonl"
         wrong = _other_urls(self.files.path(doc["input_file_id"]), doc["endpoint"])
@@ -183,7 +197,7 @@ class Batches:
         if progress.state == "interrupted":  # the server is stopping: resumed at its start
             return
         ended = "cancelled" if progress.state == "cancelled" else "completed"
-        self._finalize(self.get(batch_id), ended)
+        self._finalize(self.get(batch_id), self._ending(folder) or ended)
 
     def _progress(self, batch_id: str, progress: batch.Progress) -> None:
         with self._lock:
@@ -191,10 +205,26 @@ class Batches:
             if doc["status"] == "validating":  # the first report ends validation
                 doc["status"], doc["in_progress_at"] = "in_progress", int(time.time())
                 self._save(doc)
+        folder = self._folder(batch_id)
+        if time.time() >= doc["expires_at"] and self._ending(folder) is None:
+            log.info("batch=%s expired: stopping it", batch_id)
+            (folder / "ending").write_text("expired")
+            batch.cancel(folder / "job")  # the job stops at its next checkpoint
+
+    def _ending(self, folder: Path) -> str | None:
+        """How a batch that is finalizing ends (its folder keeps it across a restart)."""
+        path = folder / "ending"
+        return path.read_text() if path.is_file() else None
 
     def _finalize(self, doc: dict[str, Any], status: str) -> None:
         folder = self._folder(doc["id"])
+        (folder / "ending").write_text(status)
         self._update(doc["id"], status="finalizing", finalizing_at=int(time.time()))
+        job = folder / "job"
+        if status in ("cancelled", "expired") and (job / "job.db").is_file():
+            why = "before the batch was cancelled" if status == "cancelled" else "in its window"
+            with contextlib.suppress(RefusedError):  # refused at validation: nothing to run
+                batch.abandon(job, f"batch_{status}", f"This request was not run {why}.")
         found = {}
         for name, key in (("output.jsonl", "output_file_id"), ("errors.jsonl", "error_file_id")):
             path = folder / name
@@ -202,9 +232,10 @@ class Batches:
                 found[key] = self.files.adopt(path, f"{doc['id']}_{name}", "batch_output")["id"]
         done = self.get(doc["id"])
         self._count(done)
-        stamp = "cancelled_at" if status == "cancelled" else "completed_at"
         counted = {"request_counts": done["request_counts"], "usage": done["usage"]}
-        self._update(doc["id"], status=status, **found, **counted, **{stamp: int(time.time())})
+        stamp = {f"{status}_at": int(time.time())}
+        self._update(doc["id"], status=status, **found, **counted, **stamp)
+        (folder / "ending").unlink()
 
     def _count(self, doc: dict[str, Any]) -> None:
         job = self._folder(doc["id"]) / "job"
