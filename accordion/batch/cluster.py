@@ -73,6 +73,7 @@ class _Seat:
     held: dict[int, _Request] = field(default_factory=dict)
     failures: int = 0  # in a row: past RESTARTS the worker is given up
     alive: bool = True
+    ready: bool = True  # False while Ray restarts it: the others take its share
 
 
 class Cluster:
@@ -180,7 +181,6 @@ class Cluster:
             except Exception as e:  # the actor died (or is restarting): give back its work
                 await self._lose(seat, e)
                 continue
-            seat.failures = 0
             for key, status, body, request_id in done:
                 request = seat.held.pop(key, None)
                 if request is not None and not request.future.done():
@@ -189,7 +189,8 @@ class Cluster:
     def _take(self, seat: _Seat) -> list[_Request]:
         """Up to this worker's fair share of all that is queued or in flight."""
         held = sum(len(s.held) for s in self.seats)
-        share = math.ceil((len(self.queue) + held) / max(self.workers, 1))
+        ready = sum(s.alive and s.ready for s in self.seats)
+        share = math.ceil((len(self.queue) + held) / max(ready, 1))
         taken = []
         while self.queue and len(seat.held) < share:
             request = self.queue.pop(0)
@@ -200,27 +201,34 @@ class Cluster:
         return taken
 
     async def _lose(self, seat: _Seat, error: Exception) -> None:
+        """Its requests go to the others now; it takes work again once Ray has it back."""
         given_back = [r for r in seat.held.values() if not r.future.done()]
         seat.held.clear()
+        seat.ready = False
         self.requeued += len(given_back)
-        seat.failures += 1
-        if seat.failures > RESTARTS + 1:
-            seat.alive = False
         log.warning(
-            "ray worker %s lost (%s): %d requests queued again%s",
+            "ray worker %d lost (%s): %d requests queued again",
             self.seats.index(seat),
             type(error).__name__,
             len(given_back),
-            "" if seat.alive else "; it is given up",
         )
+        await self._add(given_back, front=True)
+        while seat.alive:
+            try:
+                await seat.handle.identity.remote()  # waits out a restart (the model loads)
+            except Exception:
+                seat.failures += 1
+                seat.alive = seat.failures <= RESTARTS
+                await asyncio.sleep(min(0.25 * seat.failures, 2.0))
+                continue
+            seat.ready, seat.failures = True, 0
+            return
+        log.warning("ray worker %d is given up", self.seats.index(seat))
         if not self.workers:  # nobody left to run them: the job stops
-            for request in given_back + self.queue:
+            for request in self.queue:
                 if not request.future.done():
                     request.future.set_exception(Unreachable(f"every Ray worker died: {error}"))
             self.queue.clear()
-            return
-        await self._add(given_back, front=True)
-        await asyncio.sleep(min(0.25 * seat.failures, 2.0))  # Ray is restarting it
 
     def _fail(self, seat: _Seat, error: Exception) -> None:
         for request in seat.held.values():
