@@ -17,7 +17,10 @@ class InvalidModelFileError(AccordionError):
 
     def __init__(self, path: object, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
-        self.reason = reason
+        self.path, self.reason = path, reason
+
+    def __reduce__(self) -> tuple:  # pickled whole between the front and engine processes
+        return type(self), (self.path, self.reason)
 
 
 class ForbiddenError(AccordionError):
@@ -47,6 +50,23 @@ class RequestTooLargeError(AccordionError):
         self.tokens = tokens
         self.budget_tokens = budget_tokens
 
+    def __reduce__(self) -> tuple:
+        return type(self), (self.tokens, self.budget_tokens)
+
 
 class RequestCancelledError(AccordionError):
     """The caller cancelled the request before it finished."""
+
+
+class ModelBrokenError(AccordionError):
+    """The engine process crashed loading this model: it is not loaded again until the
+    server restarts."""
+
+
+class EngineRestartedError(AccordionError):
+    """The engine process died while this call waited on it; the server restarts it."""
+
+
+class ResumeError(AccordionError):
+    """A request replayed after an engine restart came out differently from what it had
+    sent, so it ends instead of sending something else."""

@@ -19,11 +19,14 @@ from accordion.api.security import Policy
 from accordion.batch.files import FileStore
 from accordion.errors import (
     AccordionError,
+    EngineRestartedError,
     ForbiddenError,
     InvalidModelFileError,
     InvalidRequestError,
+    ModelBrokenError,
     ModelNotFoundError,
     RequestTooLargeError,
+    ResumeError,
     TemplateError,
 )
 from accordion.server.manager import ModelManager, OutOfMemoryBudgetError, ServerBusyError
@@ -39,6 +42,9 @@ STATUS = {
     RequestTooLargeError: 400,
     ServerBusyError: 503,
     OutOfMemoryBudgetError: 507,
+    ModelBrokenError: 500,
+    ResumeError: 500,
+    EngineRestartedError: 503,
 }
 
 

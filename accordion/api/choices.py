@@ -21,7 +21,6 @@ from accordion.api import logprobs, service
 from accordion.api.prompts import Prepared
 from accordion.api.tools import ToolPlan, openai_calls
 from accordion.engine.request import Event, RequestOutput
-from accordion.engine.score import prompt_logprobs
 from accordion.engine.sequence import Logprob
 from accordion.server.manager import Loaded
 
@@ -58,7 +57,7 @@ async def echo_rows(
     ids, manager = prepared.ids, service.manager_of(request)
     manager.begin(loaded)  # in use, so it is not unloaded under us
     try:
-        scored = await manager.on_main(prompt_logprobs, loaded.model.decoder, ids, top)
+        scored = await manager.compute(loaded, "score", ids, top)
     finally:
         manager.end(loaded)
     rows: list[tuple[int, Logprob | None]] = [(ids[0], None)]

@@ -52,6 +52,14 @@ class _KVCollector(Collector):
         yield weights
         yield running
         yield waiting
+        link = self.manager.link
+        if link is not None:
+            restarts = GaugeMetricFamily(
+                "accordion_engine_restarts",
+                "Times the engine process died and was started again",
+            )
+            restarts.add_metric([], link.restarts)
+            yield restarts
 
 
 class Metrics:

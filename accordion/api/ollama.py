@@ -244,4 +244,8 @@ async def ps(request: Request) -> dict[str, Any]:
                 "engine_id": entry.engine_id,
             }
         )
-    return {"models": models}
+    link = service.manager_of(request).link
+    if link is None:
+        return {"models": models}
+    engine = {"pid": link.pid, "restarts": link.restarts, "broken": dict(link.broken)}
+    return {"models": models, "engine_process": engine}

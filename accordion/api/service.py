@@ -28,7 +28,6 @@ from accordion.api.prompts import (
 )
 from accordion.engine.request import Event, RequestHandle, RequestOutput, output_of
 from accordion.errors import InvalidRequestError, ModelNotFoundError
-from accordion.models.embed import embed
 from accordion.server.manager import Loaded, ModelManager
 
 log = logging.getLogger("accordion.api")
@@ -157,7 +156,7 @@ async def embed_texts(
                     )
                 ids = ids[:limit]
             count += len(ids)
-            vectors.append(await manager.on_main(embed, loaded.model.decoder, ids))
+            vectors.append(await manager.compute(loaded, "embed", ids))
     finally:
         manager.end(loaded)
     return vectors, count

@@ -182,11 +182,19 @@ def serve(
     host: Annotated[
         str | None, typer.Option(help="HOST:PORT to listen on (default: $ACCORDION_HOST).")
     ] = None,
+    engine_process: Annotated[
+        bool | None,
+        typer.Option(
+            "--engine-process/--no-engine-process",
+            help="Step the engines in a process of their own, restarted if it dies (default;"
+            " ACCORDION_ENGINE_PROCESS=0 turns it off).",
+        ),
+    ] = None,
 ) -> None:
     """Start the server."""
     from accordion.server.serve import serve as run_server
 
-    run_server(host)  # exits with a message if the address cannot be bound
+    run_server(host, engine_process=engine_process)  # exits with a message if it cannot bind
 
 
 @app.command()

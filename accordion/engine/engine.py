@@ -28,12 +28,14 @@ from accordion.engine.request import Event, RequestHandle
 from accordion.engine.runner import run
 from accordion.engine.sampler import adjust, choose, logprob_of, new_generator
 from accordion.engine.scheduler import Scheduler
+from accordion.engine.score import prompt_logprobs
 from accordion.engine.sequence import Sequence
 from accordion.engine.stops import StopStrings
 from accordion.errors import InvalidRequestError, RequestCancelledError
 from accordion.kv.cache import KVCache
 from accordion.loader.detokenizer import IncrementalDetokenizer
 from accordion.loader.model import LoadedModel
+from accordion.models.embed import embed
 from accordion.sampling_params import SamplingParams
 from accordion.structured import Compiler, Constraint
 
@@ -51,7 +53,27 @@ class EngineConfig:
     idle_shrink_s: float = 2.0
 
 
+def context_of(
+    model: LoadedModel, prompt_ids: list[int], params: SamplingParams, num_ctx: int | None
+) -> int:
+    """The request's context limit, after checking it fits (InvalidRequestError)."""
+    trained = model.config.context_length
+    limit = min(num_ctx or trained, trained)
+    if not prompt_ids:
+        raise InvalidRequestError("prompt is empty")
+    if len(prompt_ids) >= limit:
+        raise InvalidRequestError(
+            f"prompt has {len(prompt_ids)} tokens but the context limit is {limit}"
+        )
+    vocab = model.config.vocab_size
+    if any(not 0 <= t < vocab for t in params.logit_bias):
+        raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab})")
+    return limit
+
+
 class Engine:
+    remote = False  # steps in this process (process/remote.py's RemoteEngine: in another)
+
     def __init__(self, model: LoadedModel, config: EngineConfig | None = None) -> None:
         self.model = model
         self.config = cfg = config or EngineConfig()
@@ -87,17 +109,7 @@ class Engine:
         background: bool = False,
     ) -> RequestHandle:
         params = params or SamplingParams()
-        trained = self.model.config.context_length
-        limit = min(num_ctx or trained, trained)
-        if not prompt_ids:
-            raise InvalidRequestError("prompt is empty")
-        if len(prompt_ids) >= limit:
-            raise InvalidRequestError(
-                f"prompt has {len(prompt_ids)} tokens but the context limit is {limit}"
-            )
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in params.logit_bias):
-            raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab})")
+        limit = context_of(self.model, prompt_ids, params, num_ctx)
         generator = new_generator(params.seed)
         seq = Sequence(list(prompt_ids), params, limit, generator, background=background)
         # compiled here, so a bad grammar fails the call; callers on an event loop
@@ -117,6 +129,21 @@ class Engine:
     def cancel(self, seq: Sequence) -> None:
         seq.cancelled = True  # acted on at the start of the next step
         self._wake.set()
+
+    def cancel_all(self) -> bool:
+        """Cancel every request (their final events follow); True if there were any."""
+        with self._lock:
+            busy = self._all() + list(self._inbox)
+        for seq in busy:
+            self.cancel(seq)
+        return bool(busy)
+
+    def score(self, ids: list[int], top: int) -> list:
+        """Teacher-forced logprobs of a prompt's tokens (OpenAI's echo)."""
+        return prompt_logprobs(self.model.decoder, ids, top)
+
+    def embed(self, ids: list[int]) -> list[float]:
+        return embed(self.model.decoder, ids)
 
     def has_work(self) -> bool:
         return bool(self._inbox) or self.scheduler.has_work()
@@ -296,4 +323,5 @@ class Engine:
         stats = self.kv.stats()
         stats["running"] = len(self.scheduler.running)
         stats["waiting"] = len(self.scheduler.waiting)
+        stats["preemptions"] = self.scheduler.preemptions
         return stats

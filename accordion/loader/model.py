@@ -24,7 +24,7 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: Tokenizer
     template: ChatTemplate
-    decoder: Decoder
+    decoder: Decoder | None  # None: loaded for its tokenizer and template only
     weights: str
     load_seconds: float
 
@@ -45,16 +45,17 @@ class LoadedModel:
         return self.tokenizer.encode(text, add_bos=add_bos)
 
 
-def load_model(name: str, weights: str = "auto") -> LoadedModel:
-    """Resolve a model name or path and load it; errors name the problem (AccordionError)."""
+def load_model(name: str, weights: str = "auto", decoder: bool = True) -> LoadedModel:
+    """Resolve a model name or path and load it; errors name the problem (AccordionError).
+    Without `decoder`, only what a server's front needs: config, tokenizer, template."""
     start = time.perf_counter()
     path = resolve_model_path(name)
     gf = open_gguf(path)
     config = config_from_gguf(gf)  # architecture check before the slow parts
     tokenizer = Tokenizer.from_gguf(gf)
     template = ChatTemplate.from_gguf(gf, tokenizer.bos_token, tokenizer.eos_token)
-    decoder = build_decoder(gf, config, weights)
+    built = build_decoder(gf, config, weights) if decoder else None
     heap.trim(collect=True)  # the load's temporaries: ~150 MB for SmolLM2 otherwise
     return LoadedModel(
-        name, path, gf, config, tokenizer, template, decoder, weights, time.perf_counter() - start
+        name, path, gf, config, tokenizer, template, built, weights, time.perf_counter() - start
     )

@@ -29,6 +29,7 @@ from accordion.engine.engine import Engine, EngineConfig
 from accordion.errors import AccordionError
 from accordion.loader.chat_template import ChatTemplate
 from accordion.loader.model import LoadedModel, load_model
+from accordion.process.link import Link
 from accordion.server.durations import parse_keep_alive
 from accordion.server.stats import Stats
 from accordion.server.store import ModelEntry, ModelStore
@@ -50,7 +51,7 @@ class Loaded:
     name: str
     entry: ModelEntry
     model: LoadedModel
-    engine: Engine
+    engine: Engine  # or a RemoteEngine (process/remote.py): the same surface
     engine_id: int
     keep_alive: float  # seconds; < 0 = forever
     expires_at: float = 0.0  # wall clock; refreshed when a request ends
@@ -72,8 +73,11 @@ class ModelManager:
         default_keep_alive: float | None = None,
         max_queue: int | None = None,
         engine_config: EngineConfig | None = None,
+        engine_process: bool = False,
     ) -> None:
         self.store = store
+        # the engines in a process of their own (process/link.py), or stepped by `drive`
+        self.link: Link | None = Link() if engine_process else None
         env_cap = os.environ.get("ACCORDION_MEMORY_LIMIT")
         self.memory_budget = memory_budget or (
             int(env_cap) if env_cap else int(psutil.virtual_memory().available * 0.8)
@@ -128,19 +132,29 @@ class ModelManager:
         return entry, 0.0
 
     def _load(self, model_entry: ModelEntry, keep_alive: float | None) -> Loaded:
-        name = model_entry.name
-        model = load_model(str(model_entry.path))
+        name, link = model_entry.name, self.link
+        # the front keeps the tokenizer and templates; the weights live where engines step
+        model = load_model(str(model_entry.path), decoder=link is None)
         model.name = name
         if model_entry.template:  # a created model's own chat template
             tok = model.tokenizer
             model.template = ChatTemplate(model_entry.template, tok.bos_token, tok.eos_token)
-        weight_bytes = model.decoder.nbytes()
-        self._make_room(weight_bytes)
+        if link is None:
+            assert model.decoder is not None
+            weight_bytes = model.decoder.nbytes()
+        else:
+            weight_bytes, model.load_seconds = link.load(name, str(model_entry.path))
+        try:
+            self._make_room(weight_bytes)
+        except OutOfMemoryBudgetError:
+            if link is not None:
+                link.release(name)
+            raise
         budget = max(self.memory_budget - self.committed_bytes() - weight_bytes, 1 << 24)
         if self.engine_config.kv_budget_bytes:  # an explicit KV budget caps what memory allows
             budget = min(budget, self.engine_config.kv_budget_bytes)
         config = EngineConfig(**{**self.engine_config.__dict__, "kv_budget_bytes": budget})
-        engine = Engine(model, config)
+        engine = Engine(model, config) if link is None else link.start(name, model, config)
         ka = self.default_keep_alive if keep_alive is None else keep_alive
         entry = Loaded(
             name, model_entry, model, engine, next(_engine_ids), ka, weight_bytes=weight_bytes
@@ -174,10 +188,10 @@ class ModelManager:
             entry = self.loaded.pop(name, None)
         if entry is None:
             return False
-        busy = list(entry.engine.scheduler.running) + list(entry.engine.scheduler.waiting)
-        for seq in busy:
-            entry.engine.cancel(seq)
-        if busy or entry.engine.has_work():
+        busy = entry.engine.cancel_all()
+        if entry.engine.remote:  # the process ends its requests, then drops the engine
+            entry.engine.stop()
+        elif busy or entry.engine.has_work():
             self.draining.append(entry.engine)  # its requests still get their final event
         self._wake.set()
         log.info("unloaded model=%s engine=%d", name, entry.engine_id)
@@ -203,6 +217,13 @@ class ModelManager:
 
     def wake(self) -> None:
         self._wake.set()
+
+    async def compute(self, entry: Loaded, method: str, *args: Any) -> Any:
+        """An engine's own heavy call (`score`, `embed`): on the main thread between
+        steps, or in the engine process."""
+        if entry.engine.remote:
+            return await entry.engine.call(method, *args)
+        return await self.on_main(getattr(entry.engine, method), *args)
 
     # -- the main-thread loop ----------------------------------------------------------
     async def on_main(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -230,7 +251,7 @@ class ModelManager:
         `until()` holds: a Ray worker drives between its calls, see batch/worker.py)."""
         while not self._stopping and not (until is not None and until()):
             self._run_calls()
-            self.stats.tick(list(self.loaded.values()))
+            self.stats.tick(list(self.loaded.values()), self.link)
             busy = False
             for entry in list(self.loaded.values()):
                 engine = entry.engine
@@ -266,6 +287,8 @@ class ModelManager:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+        if self.link is not None:
+            self.link.stop()
 
 
 def _settle(future: asyncio.Future, result: Any, error: Exception | None) -> None:

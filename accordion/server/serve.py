@@ -1,8 +1,10 @@
-"""`accordion serve`: HTTP on a background thread, the engines on the main thread."""
+"""`accordion serve`: HTTP on a background thread; the engines in their own process
+(process/), or with --no-engine-process on this process's main thread."""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -20,14 +22,18 @@ from accordion.server.manager import ModelManager
 from accordion.server.store import ModelStore, allowed_paths, default_root
 
 
-def serve(address: str | None = None, log_level: str = "info") -> None:
+def serve(
+    address: str | None = None, log_level: str = "info", engine_process: bool | None = None
+) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s level=%(levelname)s %(name)s %(message)s"
     )
     host, port, _ = host_port(address)
     root = default_root()
     store = ModelStore(root, allowed_paths(root))
-    manager = ModelManager(store)
+    if engine_process is None:  # the engines in their own process unless told otherwise
+        engine_process = os.environ.get("ACCORDION_ENGINE_PROCESS", "1") not in ("", "0")
+    manager = ModelManager(store, engine_process=engine_process)
     app = create_app(manager, store, Policy.from_env(host))
     server = uvicorn.Server(
         uvicorn.Config(

@@ -23,6 +23,7 @@ import psutil
 
 if TYPE_CHECKING:
     from accordion.engine.request import RequestOutput
+    from accordion.process.link import Link
     from accordion.server.manager import Loaded
 
 HISTORY_S = 3600
@@ -60,7 +61,7 @@ class Stats:
                 window = self._ttft.setdefault(model, deque(maxlen=10_000))
                 window.append((time.monotonic(), t.get("queue", 0.0) + t["prefill"]))
 
-    def tick(self, loaded: list[Loaded]) -> None:
+    def tick(self, loaded: list[Loaded], link: Link | None = None) -> None:
         """Take a sample if one is due (the driving thread calls this often)."""
         now = time.monotonic()
         if now - self._last < self.interval_s:
@@ -72,6 +73,8 @@ class Stats:
             "process": {"rss": self._process.memory_info().rss, "available": memory.available},
             "models": {entry.name: self._model(entry, now) for entry in loaded},
         }
+        if link is not None:  # the engine process: its memory, and how often it restarted
+            sample["engine"] = {"pid": link.pid, "restarts": link.restarts, "rss": _rss(link.pid)}
         live = {entry.engine_id for entry in loaded}
         for gone in [i for i in self._counters if i not in live]:
             del self._counters[gone]
@@ -80,7 +83,7 @@ class Stats:
 
     def _model(self, entry: Loaded, now: float) -> dict[str, Any]:
         engine = entry.engine
-        kv = engine.kv.stats()
+        kv = engine.kv_stats()
         seen = self._counters.setdefault(
             entry.engine_id,
             _Counters(engine.tokens_evaluated, engine.tokens_generated, now - self.interval_s),
@@ -114,11 +117,11 @@ class Stats:
             }
             | {"groups": kv["groups"]},
             "active": entry.active,
-            "running": len(engine.scheduler.running),
-            "waiting": len(engine.scheduler.waiting),
+            "running": kv["running"],
+            "waiting": kv["waiting"],
             "evaluated_per_s": round(rates[0], 1),
             "generated_per_s": round(rates[1], 1),
-            "preemptions": engine.scheduler.preemptions,
+            "preemptions": kv["preemptions"],
             **self._ttft_of(entry.name, now),
         }
 
@@ -144,3 +147,10 @@ class Stats:
             samples = [s for s in self.samples if s["t"] >= since]
             events = [e for e in self.events if e["t"] >= since]
         return {"interval_s": self.interval_s, "samples": samples, "events": events}
+
+
+def _rss(pid: int | None) -> int | None:
+    try:
+        return psutil.Process(pid).memory_info().rss if pid else None
+    except psutil.Error:  # between a death and the restart
+        return None
