@@ -1,0 +1,211 @@
+"""Decode through the server against decode in process, and the engine process's restart.
+
+    .venv/bin/python bench/bench_engine_process.py [--model smollm2] [--tokens 256]
+        [--rounds 3] [--clients 8]
+
+Side by side in one run, greedy with `ignore_eos` so every answer has its length:
+  in process: accordion.LLM, one sequence (its decode rate from the sequence's timings);
+  server: `accordion serve`, one streamed /api/generate (tokens after the first over the
+    time from the first chunk to the last, as the client sees them), with the engines
+    on the server's main thread, and with --engine-process;
+  8 clients at once on each server: aggregate tokens/s and mean time to first token;
+  llama.cpp's llama-server on the same file (../shared/peers), one streamed completion;
+  RSS after a short request: the server's process, and the engine process;
+  restart: SIGKILL of the engine process during 4 streams, the time from the kill to the
+    first chunk after it, and whether the streams end as undisturbed ones do.
+Best of --rounds for rates. Prints markdown, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from live_server import LiveServer, free_port  # noqa: E402
+
+from accordion import LLM, SamplingParams  # noqa: E402
+
+PROMPT = "Write a long story about a lighthouse keeper and the sea."
+
+
+def in_process(model: str, tokens: int, rounds: int) -> float:
+    with LLM(model) as llm:
+        ids = llm.encode_chat([{"role": "user", "content": PROMPT}])
+        params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+        best = 0.0
+        for _ in range(rounds):
+            out = llm.submit(ids, params).result()
+            best = max(best, (len(out.token_ids) - 1) / out.timings["decode"])
+    return best
+
+
+def stream(url: str, model: str, tokens: int, prompt: str = PROMPT) -> dict[str, Any]:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "options": {"temperature": 0, "num_predict": tokens, "ignore_eos": True},
+    }
+    start, stamps, text = time.perf_counter(), [], []
+    with httpx.stream("POST", url + "/api/generate", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            doc = json.loads(line)
+            if doc.get("response"):
+                stamps.append(time.perf_counter())
+                text.append(doc["response"])
+    return {"start": start, "stamps": stamps, "text": "".join(text)}
+
+
+def llama_server(model: str, tokens: int, rounds: int) -> float | None:
+    """llama.cpp's server on the same file, one streamed completion (its own route)."""
+    binary = Path(__file__).resolve().parents[2] / "shared/peers/llama.cpp/llama-server"
+    if not binary.exists():
+        return None
+    from accordion.loader.bundled import resolve_model_path
+
+    port = free_port()
+    args = [str(binary), "-m", str(resolve_model_path(model)), "-a", model, "--host"]
+    args += ["127.0.0.1", "--port", str(port), "-t", "2", "-c", "8192", "-np", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        body = {"prompt": PROMPT, "n_predict": tokens, "stream": True, "temperature": 0}
+        body["ignore_eos"] = True
+        best = 0.0
+        for _ in range(rounds):
+            stamps = []
+            with httpx.stream("POST", url + "/completion", json=body, timeout=600) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and json.loads(line[6:]).get("content"):
+                        stamps.append(time.perf_counter())
+            best = max(best, (len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        return best
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def single(url: str, model: str, tokens: int, rounds: int) -> float:
+    best = 0.0
+    for _ in range(rounds):
+        s = stream(url, model, tokens)["stamps"]
+        best = max(best, (len(s) - 1) / (s[-1] - s[0]))
+    return best
+
+
+def clients(url: str, model: str, tokens: int, n: int) -> tuple[float, float]:
+    results: list[dict[str, Any]] = [{} for _ in range(n)]
+
+    def one(i: int) -> None:
+        results[i] = stream(url, model, tokens, f"{PROMPT} ({i})")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    end = max(r["stamps"][-1] for r in results)
+    total = sum(len(r["stamps"]) for r in results)
+    ttft = statistics.mean(r["stamps"][0] - r["start"] for r in results)
+    return total / (end - start), ttft
+
+
+def restart(url: str, model: str, tokens: int) -> dict[str, Any]:
+    undisturbed = [stream(url, model, tokens, f"{PROMPT} [{i}]")["text"] for i in range(4)]
+    pid = httpx.get(url + "/api/ps").json()["engine_process"]["pid"]
+    results: list[dict[str, Any]] = [{} for _ in range(4)]
+
+    def one(i: int) -> None:
+        results[i] = stream(url, model, tokens, f"{PROMPT} [{i}]")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    killed = time.perf_counter()
+    os.kill(pid, signal.SIGKILL)
+    for t in threads:
+        t.join()
+    after = [min((s for s in r["stamps"] if s > killed), default=killed) for r in results]
+    return {
+        "resume_s": round(statistics.mean(a - killed for a in after), 2),
+        "identical": [r["text"] for r in results] == undisturbed,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=8)
+    args = ap.parse_args()
+    print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    out: dict[str, Any] = {"in_process": in_process(args.model, args.tokens, args.rounds)}
+    out["llama_server"] = llama_server(args.model, args.tokens, args.rounds)
+    for name, env in (("main_thread", {}), ("engine_process", {"ACCORDION_ENGINE_PROCESS": "1"})):
+        server = LiveServer(Path(tempfile.mkdtemp()), env=env)
+        try:
+            stream(server.url, args.model, 8)  # load it
+            time.sleep(3)  # the KV cache shrinks back after 2 s idle
+            rss = {"front": psutil.Process(server.proc.pid).memory_info().rss}
+            engine = httpx.get(server.url + "/api/ps").json().get("engine_process")
+            if engine:
+                rss["engine"] = psutil.Process(engine["pid"]).memory_info().rss
+            rate = single(server.url, args.model, args.tokens, args.rounds)
+            aggregate, ttft = clients(server.url, args.model, args.tokens // 2, args.clients)
+            out[name] = {"single": rate, "aggregate": aggregate, "ttft": ttft, "rss": rss}
+            if env:
+                out["restart"] = restart(server.url, args.model, args.tokens // 2)
+        finally:
+            server.stop()
+        print(f"  {name}: {out[name]}", file=sys.stderr)
+    base = out["in_process"]
+    print(f"{args.model}, {args.tokens} tokens, best of {args.rounds}\n")
+    print("| | single-stream decode tok/s | vs in process | 8 clients tok/s | mean TTFT s |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| in process (LLM) | {base:.1f} | 1.00x | | |")
+    if out["llama_server"]:
+        peer = out["llama_server"]
+        print(f"| llama-server, same file, 2 threads | {peer:.1f} | {peer / base:.2f}x | | |")
+    for name in ("main_thread", "engine_process"):
+        r = out[name]
+        print(
+            f"| server, {name.replace('_', ' ')} | {r['single']:.1f} | {r['single'] / base:.2f}x"
+            f" | {r['aggregate']:.1f} | {r['ttft']:.3f} |"
+        )
+    for name in ("main_thread", "engine_process"):
+        parts = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in out[name]["rss"].items())
+        print(f"RSS after a short request, server {name.replace('_', ' ')}: {parts}")
+    r = out["restart"]
+    print(
+        f"\nSIGKILL of the engine during 4 streams: the first chunk after it {r['resume_s']} s"
+        f" later on average; identical to undisturbed streams: {r['identical']}"
+    )
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
