@@ -165,7 +165,8 @@ def main() -> None:
     print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
     out: dict[str, Any] = {"in_process": in_process(args.model, args.tokens, args.rounds)}
     out["llama_server"] = llama_server(args.model, args.tokens, args.rounds)
-    for name, env in (("main_thread", {}), ("engine_process", {"ACCORDION_ENGINE_PROCESS": "1"})):
+    one, two = {"ACCORDION_ENGINE_PROCESS": "0"}, {"ACCORDION_ENGINE_PROCESS": "1"}
+    for name, env in (("main_thread", one), ("engine_process", two)):
         server = LiveServer(Path(tempfile.mkdtemp()), env=env)
         try:
             stream(server.url, args.model, 8)  # load it
@@ -177,7 +178,7 @@ def main() -> None:
             rate = single(server.url, args.model, args.tokens, args.rounds)
             aggregate, ttft = clients(server.url, args.model, args.tokens // 2, args.clients)
             out[name] = {"single": rate, "aggregate": aggregate, "ttft": ttft, "rss": rss}
-            if env:
+            if env is two:
                 out["restart"] = restart(server.url, args.model, args.tokens // 2)
         finally:
             server.stop()
