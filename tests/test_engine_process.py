@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -182,6 +182,18 @@ def test_a_model_whose_load_crashes_is_broken_and_others_serve(tmp_path: Path) -
         live.stop()
 
 
+def kv_budget(live: LiveServer, until: Callable[[int], bool] = lambda b: True) -> int:
+    """The model's KV budget from /api/stats, sampled once a second: wait for a sample
+    that has the model (and, with `until`, the value awaited)."""
+    deadline = time.monotonic() + 15
+    while True:
+        model = httpx.get(live.url + "/api/stats", timeout=10).json()["models"].get(MODEL)
+        if model is not None and until(model["kv"]["budget_bytes"]):
+            return model["kv"]["budget_bytes"]
+        assert time.monotonic() < deadline, model
+        time.sleep(0.2)
+
+
 def child_memory_cgroup() -> Path | None:
     """A new memory cgroup under this process's own (root, cgroup v1 or v2), or None."""
     lines = Path("/proc/self/cgroup").read_text().splitlines()
@@ -209,7 +221,7 @@ def test_an_engine_killed_for_memory_comes_back_with_half_the_budget(tmp_path: P
         ask = {"model": MODEL, "stream": False, "options": {"num_predict": 4, "temperature": 0}}
         hello = httpx.post(live.url + "/api/generate", json={**ask, "prompt": "Hi"}, timeout=120)
         assert hello.status_code == 200
-        budget = httpx.get(live.url + "/api/stats").json()["models"][MODEL]["kv"]["budget_bytes"]
+        budget = kv_budget(live)
         pid = engine_of(live)["pid"]
         v1 = (group / "memory.limit_in_bytes").exists()
         # 40 MiB of new memory (what it holds stays charged where it was): the KV for a
@@ -223,8 +235,7 @@ def test_an_engine_killed_for_memory_comes_back_with_half_the_budget(tmp_path: P
         assert engine["restarts"] == 1 and engine["pid"] != pid
         log = live.log.read_text()
         assert "killed for memory" in log, log[-2000:]
-        after = httpx.get(live.url + "/api/stats").json()["models"][MODEL]["kv"]["budget_bytes"]
-        assert after == budget // 2
+        assert kv_budget(live, until=lambda b: b != budget) == budget // 2
     finally:
         live.stop()
         for _ in range(50):  # empty once its process is gone

@@ -8,17 +8,16 @@
 Embedded (no endpoint), the server's own app runs in this process: the engine on
 the calling thread (the main thread, where torch is fastest), the job's loop on a
 second one talking to the app through ASGI. With an endpoint, the job's loop runs
-here and the requests go over HTTP. Ctrl-C stops cleanly: in-flight requests are
-not recorded and resume redoes them; a second Ctrl-C stops at once.
+here and the requests go over HTTP; with `ray`, over worker actors (cluster.py).
+Ctrl-C stops cleanly: in-flight requests are not recorded and resume redoes them; a
+second Ctrl-C stops at once. Status, the list of jobs and cancel: manage.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import threading
-import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -29,13 +28,12 @@ from accordion.batch.job import (
     RefusedError,
     Scan,
     Settings,
-    batches_root,
     default_dir,
     errors_path,
 )
-from accordion.batch.lines import Defaults, read
+from accordion.batch.lines import Defaults
+from accordion.batch.manage import abandon, cancel, existing, jobs, status
 from accordion.batch.runner import Progress, Runner
-from accordion.batch.store import Result, Sink
 from accordion.batch.target import Target, local_server
 
 __all__ = ["Progress", "RefusedError", "abandon", "cancel", "jobs", "resume", "run", "status"]
@@ -94,7 +92,7 @@ def resume(
     job_dir: str | Path, on_progress: Callable[[Progress], None] | None = None, **how: Any
 ) -> Progress:
     """Continue a job from its directory; `how` may change how it runs (see run)."""
-    job = _existing(Path(job_dir))
+    job = existing(Path(job_dir))
     settings = job.settings
     job.close()
     assert settings is not None
@@ -194,122 +192,3 @@ class _stop_on_interrupt:
     def __exit__(self, *exc: object) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
-
-
-# -- looking at jobs --------------------------------------------------------------------
-def status(job_dir: str | Path) -> dict[str, Any]:
-    """A job's state and counts, read from its store (safe while it runs)."""
-    job = _existing(Path(job_dir))
-    try:
-        settings, scan, counts = job.settings, job.store.get("scan"), job.store.counts()
-        assert settings is not None
-        state, pid = job.store.get("state"), job.running_pid()
-        if state == "running" and pid is None:
-            state = "interrupted"  # its process died without saying so
-        return {
-            "job_dir": str(job.dir),
-            "state": state,
-            "pid": pid,
-            "input": settings.input,
-            "out": settings.out,
-            "errors": settings.errors,
-            "model": (job.store.get("model") or {}).get("name") or scan["model"],
-            "total": scan["requests"],
-            "done": counts.done,
-            "ok": counts.ok,
-            "failed": counts.failed,
-            "pending": scan["requests"] - counts.done,
-            "prompt_tokens": counts.prompt_tokens,
-            "cached_tokens": counts.cached_tokens,
-            "completion_tokens": counts.completion_tokens,
-        }
-    finally:
-        job.close()
-
-
-def jobs(root: Path | None = None) -> list[dict[str, Any]]:
-    """The status of every job under the default jobs folder (or `root`), and of the
-    batches `accordion serve` runs for the Batch API (in its store's `batches/`); each
-    with a `name` (the folder, or the batch id) and a `kind` ("job" or "batch")."""
-    from accordion.server.store import default_root
-
-    root = root or batches_root()
-    found = [(p.parent, "job") for p in sorted(root.glob("*/job.db"))] if root.is_dir() else []
-    served = default_root() / "batches"
-    found += [(p.parent, "batch") for p in sorted(served.glob("batch_*/job/job.db"))]
-    out = []
-    for directory, kind in found:
-        name = directory.parent.name if kind == "batch" else directory.name
-        try:
-            doc = status(directory)
-        except RefusedError:  # its input had bad lines: it holds nothing to show
-            doc = {
-                "job_dir": str(directory),
-                "state": "not started",
-                "done": 0,
-                "total": 0,
-                "failed": 0,
-                "model": "",
-            }
-        out.append({"name": name, "kind": kind, **doc})
-    return out
-
-
-def cancel(job_dir: str | Path) -> bool:
-    """Ask a running job to stop (it commits what is done); True if one was running."""
-    job = _existing(Path(job_dir))
-    try:
-        running = job.running_pid() is not None
-        job.store.put(state="cancelling" if running else "cancelled")
-        return running
-    finally:
-        job.close()
-
-
-def abandon(job_dir: str | Path, code: str, message: str) -> int:
-    """Give every request without a result an error line instead (`code`, e.g. the Batch
-    API's batch_expired): committed like any result, so once however often it runs.
-    Returns how many. The job must not be running."""
-    job = _existing(Path(job_dir))
-    try:
-        job.lock()
-        settings = job.settings
-        assert settings is not None
-        scan = job.store.get("scan")
-        done = job.store.done_lines(scan["last_line"])
-        sink = Sink(Path(settings.errors), ok=False)
-        sink.open(job.store)
-        pending = [
-            Result(number, _custom_id(raw), False, "")
-            for number, raw in read(Path(settings.input))
-            if not done[number]
-        ]
-        for result in pending:
-            error = {"code": code, "message": message}
-            record = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": result.custom_id}
-            result.record = json.dumps({**record, "response": None, "error": error})
-        for start in range(0, len(pending), 1000):
-            chunk = pending[start : start + 1000]
-            job.store.commit(chunk)
-            sink.write([r.record for r in chunk])
-        sink.close()
-        return len(pending)
-    finally:
-        job.close()
-
-
-def _custom_id(raw: bytes) -> str | None:
-    try:
-        return str(json.loads(raw)["custom_id"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def _existing(directory: Path) -> Job:
-    if not (directory / "job.db").is_file():
-        raise RefusedError(f"no batch job at {directory}")
-    job = Job(directory)
-    if job.settings is None:
-        job.close()
-        raise RefusedError(f"the job at {directory} never started (its input had bad lines)")
-    return job
