@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -144,7 +145,7 @@ def test_an_engine_killed_while_idle_comes_back_and_leaks_nothing(server: LiveSe
     front = psutil.Process(server.proc.pid)
     before = engine_of(server)
     children, fds = len(front.children(recursive=True)), front.num_fds()
-    shm = sorted(os.listdir("/dev/shm"))
+    shm, temp = sorted(os.listdir("/dev/shm")), sorted(os.listdir(tempfile.gettempdir()))
     os.kill(before["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 60
     while (now := engine_of(server))["restarts"] == before["restarts"]:
@@ -158,6 +159,8 @@ def test_an_engine_killed_while_idle_comes_back_and_leaks_nothing(server: LiveSe
     assert len(front.children(recursive=True)) == children
     assert front.num_fds() <= fds
     assert sorted(os.listdir("/dev/shm")) == shm
+    made = set(os.listdir(tempfile.gettempdir())) - set(temp)
+    assert not {m for m in made if m.startswith(("pymp-", "tmp"))}, made  # multiprocessing's
     assert now["pid"] != before["pid"]
 
 
