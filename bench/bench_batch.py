@@ -179,12 +179,17 @@ def overhead(folder: Path, lines: int) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def job_arguments(ap: argparse.ArgumentParser) -> None:
+    """The job's shape, shared with bench_batch_ray.py."""
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--requests", type=int, default=500)
     ap.add_argument("--system-tokens", type=int, default=1000)
     ap.add_argument("--answer-tokens", type=int, default=16)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    job_arguments(ap)
     ap.add_argument("--overhead-lines", type=int, default=1_000_000)
     args = ap.parse_args()
     print(

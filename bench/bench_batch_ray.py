@@ -31,7 +31,7 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_batch import system_prompt, write_input  # noqa: E402
+from bench_batch import job_arguments, system_prompt, write_input  # noqa: E402
 
 from accordion import batch  # noqa: E402
 
@@ -69,10 +69,7 @@ def timed(name: str, inp: Path, out: Path, kill_at: int | None = None, **options
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--requests", type=int, default=500)
-    ap.add_argument("--system-tokens", type=int, default=1000)
-    ap.add_argument("--answer-tokens", type=int, default=16)
+    job_arguments(ap)
     args = ap.parse_args()
     cpus = os.cpu_count() or 1
     print(f"# {platform.processor() or platform.machine()}, {cpus} CPUs", file=sys.stderr)

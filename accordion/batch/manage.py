@@ -96,15 +96,14 @@ def abandon(job_dir: str | Path, code: str, message: str) -> int:
         done = job.store.done_lines(scan["last_line"])
         sink = Sink(Path(settings.errors), ok=False)
         sink.open(job.store)
-        pending = [
-            Result(number, _custom_id(raw), False, "")
-            for number, raw in read(Path(settings.input))
-            if not done[number]
-        ]
-        for result in pending:
-            error = {"code": code, "message": message}
-            record = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": result.custom_id}
-            result.record = json.dumps({**record, "response": None, "error": error})
+        error = {"code": code, "message": message}
+        pending = []
+        for number, raw in read(Path(settings.input)):
+            if not done[number]:
+                custom_id = _custom_id(raw)
+                record = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id}
+                text = json.dumps({**record, "response": None, "error": error})
+                pending.append(Result(number, custom_id, False, text))
         for start in range(0, len(pending), 1000):
             chunk = pending[start : start + 1000]
             job.store.commit(chunk)

@@ -139,14 +139,13 @@ class Host:
         self, name: str, rid: int, ids: list[int], params: Any, limit: int, background: bool
     ) -> None:
         engine = self.engines.get(name)
-        if engine is None:
-            final = {"finish_reason": "error", "error": RuntimeError(f"model {name} not loaded")}
-            self.conn.send(("events", [(rid, "", None, True, [], final)]))
-            return
         try:
+            if engine is None:
+                raise RuntimeError(f"model {name} is not loaded in the engine process")
             handle = engine.submit(ids, params, limit, background)
         except Exception as e:  # the front checked it: this is a bug, not the request's
-            self.conn.send(("events", [(rid, "", None, True, [], {"error": _portable(e)})]))
+            final = {"finish_reason": "error", "error": _portable(e)}
+            self.conn.send(("events", [(rid, "", None, True, [], final)]))
             return
         self.rids[handle.seq.id], self.handles[rid] = rid, handle
 

@@ -175,24 +175,20 @@ class Link:
             with self.lock:
                 self._up = False
             self.restarts += 1
-            loading = self._loading
-            for key in list(self._waits):  # calls waiting on it: a clear error, not a hang
-                future = self._waits.pop(key)
-                if key != ("loaded", loading):
-                    future.set_exception(EngineRestartedError(f"engine process died ({code})"))
-                else:
-                    self._waits[key] = future
+            loading, why = self._loading, f"engine process died ({code})"
             if loading is not None:  # its load killed the process: never again
                 why = f"the engine process crashed (exit code {code}) loading model '{loading}'"
                 self.broken[loading] = why
                 log.error("model=%s marked broken: %s", loading, why)
-                future = self._waits.pop(("loaded", loading), None)
-                if future is not None:
-                    future.set_exception(ModelBrokenError(why))
                 with self.lock:
                     engine = self.engines.pop(loading, None)
                 if engine is not None:
                     engine.fail_all(ModelBrokenError(why))
+            for key in list(self._waits):  # calls waiting on it: a clear error, not a hang
+                broke = key == ("loaded", loading)
+                self._waits.pop(key).set_exception(
+                    ModelBrokenError(why) if broke else EngineRestartedError(why)
+                )
             log.warning(
                 "engine process pid=%s died (exit code %s); restarting (restart %d)",
                 was,
