@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import ollama
 import openai
@@ -110,6 +112,53 @@ def ollama_client(server: LiveServer) -> ollama.Client:
 def openai_client(server: LiveServer) -> openai.OpenAI:
     """The official openai client on the module's server (no retries: errors show)."""
     return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, atol: float) -> None:
+    """|actual - expected| <= atol everywhere (rtol 0; a NaN or inf fails), as
+    torch.testing.assert_close(atol=atol, rtol=0) would check, in one pass: on Gemma's
+    700 x 262,144 logits assert_close took ~7 s, this takes well under one."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    diff = torch.sub(actual, expected).abs_().nan_to_num_(nan=float("inf"))
+    worst = diff.max()
+    if not worst <= atol:  # a NaN difference became inf, so it fails here too
+        at = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise AssertionError(
+            f"max |diff| {worst.item():.3g} > atol {atol:.3g}, first at {at}: "
+            f"{actual[at].item()} vs {expected[at].item()}; "
+            f"{int((diff > atol).sum())} of {diff.numel()} elements over"
+        )
+
+
+@contextmanager
+def shared_gguf_readers() -> Iterator[None]:
+    """Within the block, gguf.GGUFReader of the same unchanged file gives one reader.
+
+    transformers' GGUF from_pretrained builds a GGUFReader for the config and another
+    for the weights; each parses every metadata array (Gemma's 262k-token vocabulary,
+    ~10 s). transformers imports GGUFReader from gguf inside the call, so the module
+    attribute is what it gets. Only for the block: accordion's own loader also uses
+    gguf.GGUFReader, and the tests measure its behaviour, not a cache of ours.
+    """
+    import gguf
+
+    real = gguf.GGUFReader
+    readers: dict[tuple[str, str, int, int], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        resolved = Path(path).resolve()
+        st = resolved.stat()
+        key = (str(resolved), mode, st.st_size, st.st_mtime_ns)
+        if key not in readers:
+            readers[key] = real(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real  # type: ignore[misc]
 
 
 def contiguous_logits(decoder: Decoder, cfg: ModelConfig, ids: list[int]) -> torch.Tensor:
