@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,6 +132,37 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, atol: floa
             f"{actual[at].item()} vs {expected[at].item()}; "
             f"{int((diff > atol).sum())} of {diff.numel()} elements over"
         )
+
+
+def share_transformers_gguf_metadata() -> None:
+    """transformers' metadata-only GGUF loads, made once per file for the session.
+
+    AutoTokenizer and AutoConfig each call load_gguf_checkpoint(return_tensors=False),
+    and each builds a gguf.GGUFReader that parses every metadata array (Gemma's
+    262k-token vocabulary: ~10 s, SmolLM2's ~2 s); the weights load builds its own.
+    The callers import the function from its module at call time, so patching the
+    module attribute reaches them. Results are keyed by the file's identity (a test
+    that writes a GGUF gets its own) and handed out as deep copies.
+    """
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
+    real = hf_gguf.load_gguf_checkpoint
+    if getattr(real, "shared_by_tests", False):
+        return
+    results: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+    @functools.wraps(real)
+    def load(path: str, return_tensors: bool = False, **kwargs: Any) -> dict[str, Any]:
+        if return_tensors or kwargs:
+            return real(path, return_tensors, **kwargs)
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        if key not in results:
+            results[key] = real(path, return_tensors=False)
+        return copy.deepcopy(results[key])
+
+    load.shared_by_tests = True  # type: ignore[attr-defined]
+    hf_gguf.load_gguf_checkpoint = load
 
 
 @contextmanager

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import share_transformers_gguf_metadata
 
 from accordion.errors import AccordionError, InvalidRequestError, TemplateError
 from accordion.loader.chat_template import FALLBACK_TEMPLATE, ChatTemplate
@@ -283,6 +284,7 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="module")
 def hf_tokenizer(smollm2_path: Path) -> Any:
     transformers = pytest.importorskip("transformers")
+    share_transformers_gguf_metadata()  # AutoTokenizer's config parse, shared across modules
     return transformers.AutoTokenizer.from_pretrained(
         str(smollm2_path.parent), gguf_file=smollm2_path.name
     )

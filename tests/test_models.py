@@ -12,6 +12,7 @@ from conftest import (
     assert_logits_close,
     contiguous_logits,
     paged_logits,
+    share_transformers_gguf_metadata,
     shared_gguf_readers,
     step_batch,
 )
@@ -27,6 +28,7 @@ from accordion.models.quant import dequantize
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
+share_transformers_gguf_metadata()
 
 FP32_TOL = 2e-4  # absolute, on logits of magnitude ~10-40: float32 reordering noise only
 PROSE = (Path(__file__).parent / "data" / "prose.txt").read_text()
@@ -34,7 +36,7 @@ PROSE = (Path(__file__).parent / "data" / "prose.txt").read_text()
 
 @cache
 def reference_logits(path: Path, ids: tuple[int, ...]) -> torch.Tensor:
-    with shared_gguf_readers():  # one metadata parse for the config and the weights
+    with shared_gguf_readers():  # the config's parse, if not cached yet, and the weights'
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32
         )

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import share_transformers_gguf_metadata
 
 from accordion.errors import UnsupportedModelError
 from accordion.loader.bundled import resolve_model_path
@@ -15,6 +16,7 @@ from accordion.loader.gguf_file import GGUFFile, open_gguf
 from accordion.loader.tokenizer import INFO_FILE, TOKENIZER_FILE, Tokenizer
 
 transformers = pytest.importorskip("transformers")
+share_transformers_gguf_metadata()  # AutoTokenizer's config parse, shared with other modules
 
 MODELS = ["smollm2", "gemma3"]
 CORPUS = [
