@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -123,7 +124,7 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, atol: floa
     700 x 262,144 logits assert_close took ~7 s, this takes well under one."""
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    diff = torch.sub(actual, expected).abs_().nan_to_num_(nan=float("inf"))
+    diff = torch.sub(actual, expected).abs_().nan_to_num_(nan=math.inf, posinf=math.inf)
     worst = diff.max()
     if not worst <= atol:  # a NaN difference became inf, so it fails here too
         at = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
