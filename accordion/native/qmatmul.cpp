@@ -77,22 +77,20 @@ struct Panel {
 template <class T>
 inline void decode_unit(const uint8_t* base, int64_t row_bytes, int rows, int64_t u, int64_t blocks,
                         Panel& p, int64_t b0) {
+  // the file's pages are 4 KiB, where the hardware prefetcher stops: fetch ahead by hand
+  for (int r = 0; r < rows; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(base + r * row_bytes + u * T::BYTES + PREFETCH),
+                 _MM_HINT_T0);
+  }
   if constexpr (T::SUBS == 1) {  // blocks u and u + 1, scales gathered across the rows
-    bool second = u + 1 < blocks;
     __m512i* v = p.q.data() + (b0 / 2) * 16;
-    for (int r = 0; r < 16; ++r) {
-      if (r >= rows) {  // past the matrix's last row: zeros, whose outputs are not stored
-        v[r] = _mm512_setzero_si512();
-        continue;
+    for (int i = 0; i < 2; ++i) {
+      if (u + i < blocks) {
+        T::quads(base, row_bytes, rows, (u + i) * T::BYTES, v + 8 * i);
+      } else {  // an odd last block: its pair is zeros
+        for (int k = 0; k < 8; ++k) v[8 * i + k] = _mm512_setzero_si512();
       }
-      const uint8_t* w = base + r * row_bytes + u * T::BYTES;
-      // the file's pages are 4 KiB, where the hardware prefetcher stops: fetch
-      // ahead by hand
-      _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH), _MM_HINT_T0);
-      __m256i hi = second ? T::values(w + T::BYTES) : _mm256_setzero_si256();
-      v[r] = _mm512_inserti64x4(_mm512_castsi256_si512(T::values(w)), hi, 1);
     }
-    transpose16(v);
     for (int i = 0; i < 2; ++i) {
       __m512 scale = _mm512_setzero_ps(), min = _mm512_setzero_ps();
       if (u + i < blocks) {
@@ -107,21 +105,7 @@ inline void decode_unit(const uint8_t* base, int64_t row_bytes, int rows, int64_
     }
   } else {
     // a super-block (8 blocks, 4 pairs) of each row; scales unpacked across the rows
-    for (int r = 0; r < 16; ++r) {
-      __m256i q[8];
-      if (r < rows) {
-        const uint8_t* w = base + r * row_bytes + u * T::BYTES;
-        _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH), _MM_HINT_T0);
-        T::values(w, q);
-      } else {  // past the matrix's last row: zeros, whose outputs are not stored
-        for (int j = 0; j < 8; ++j) q[j] = _mm256_setzero_si256();
-      }
-      for (int c = 0; c < 4; ++c) {
-        p.q[(b0 / 2 + c) * 16 + r] =
-            _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * c]), q[2 * c + 1], 1);
-      }
-    }
-    for (int c = 0; c < 4; ++c) transpose16(p.q.data() + (b0 / 2 + c) * 16);
+    T::quads(base, row_bytes, rows, u * T::BYTES, p.q.data() + (b0 / 2) * 16);
     __m512 sc[16], mn[8];
     T::scales(base + u * T::BYTES, row_bytes, rows, sc, mn);
     for (int j = 0; j < 8; ++j) {
