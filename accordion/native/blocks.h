@@ -57,6 +57,22 @@ inline void transpose_rows4(const uint8_t* base, int64_t row_bytes, int rows, in
   out[3] = _mm512_unpackhi_epi64(hi01, hi23);
 }
 
+// The same transpose of 16 rows' 16-byte pieces staged side by side in the order
+// (row t, t + 4, t + 8, t + 12) for t = 0..3: four loads instead of sixteen
+inline void transpose_staged4(const uint8_t* s, __m512i* out) {
+  __m512i x[4];
+  for (int t = 0; t < 4; ++t) x[t] = _mm512_load_si512(s + 64 * t);
+  __m512i lo01 = _mm512_unpacklo_epi32(x[0], x[1]), hi01 = _mm512_unpackhi_epi32(x[0], x[1]);
+  __m512i lo23 = _mm512_unpacklo_epi32(x[2], x[3]), hi23 = _mm512_unpackhi_epi32(x[2], x[3]);
+  out[0] = _mm512_unpacklo_epi64(lo01, lo23);
+  out[1] = _mm512_unpackhi_epi64(lo01, lo23);
+  out[2] = _mm512_unpacklo_epi64(hi01, hi23);
+  out[3] = _mm512_unpackhi_epi64(hi01, hi23);
+}
+
+// where row r's piece goes among the 16 staged side by side
+constexpr int staged_slot(int r) { return (r % 4) * 4 + r / 4; }
+
 // 16 rows' 32-bit words at byte `at` of each row (row r at base + r * row_bytes);
 // rows past `rows` read as zeros. All four bytes must lie in the row: its last
 // block may end the file's mapping.
@@ -123,19 +139,19 @@ inline void set_scale(Block* b, float s) { b->scale[0] = b->scale[1] = s; }
 // Each type: BYTES per unit of BLOCK values (SUBS blocks of 32); HALVES: scales
 // per block (2: one per 16 values); ZERO: the zero point of its values; MIN: a free
 // minimum; decode(row, u, out) fills the SUBS blocks of unit u (for AMX's row-major
-// tiles); quads(base, row_bytes, rows, at, v) gives the vector code 16 rows' unit at
-// byte `at` quad-major: v[j] lane r holds values 4j..4j+3 of row r (8 per block,
-// sub-blocks in order). The packed bytes are transposed before they are widened.
+// tiles). The vector code reads 16 rows quad-major: v[j] lane r holds values
+// 4j..4j+3 of row r (8 vectors per block, sub-blocks in order), the packed bytes
+// transposed before they are widened. Blocks of 32 give PIECES 16-byte pieces from
+// VALUES_AT (and Q5's high bits from QH_AT), which qmatmul.cpp stages and transposes
+// and widen(words, qh, v) turns into values; super-blocks give them through
+// quads(base, row_bytes, rows, at, v) for the unit at byte `at`.
 struct Q4_0 {
   static constexpr int HALVES = 1, BLOCK = 32, BYTES = 18, SUBS = 1;
   static constexpr int ZERO = 8;
   static constexpr bool MIN = false;
   static constexpr int SCALE_AT = 0, MIN_AT = -1;  // byte offsets of d and m
-  static void quads(const uint8_t* base, int64_t row_bytes, int rows, int64_t at, __m512i* v) {
-    __m512i d[4];
-    transpose_rows4(base, row_bytes, rows, at + 2, d);
-    nibble_quads(d, v);
-  }
+  static constexpr int VALUES_AT = 2, PIECES = 1, QH_AT = -1;
+  static void widen(const __m512i* words, __m512i, __m512i* v) { nibble_quads(words, v); }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* p = row + u * BYTES;
     b->q = nibbles(load128(p + 2));
@@ -148,11 +164,8 @@ struct Q4_1 {
   static constexpr int ZERO = 0;
   static constexpr bool MIN = true;
   static constexpr int SCALE_AT = 0, MIN_AT = 2;  // byte offsets of d and m
-  static void quads(const uint8_t* base, int64_t row_bytes, int rows, int64_t at, __m512i* v) {
-    __m512i d[4];
-    transpose_rows4(base, row_bytes, rows, at + 4, d);
-    nibble_quads(d, v);
-  }
+  static constexpr int VALUES_AT = 4, PIECES = 1, QH_AT = -1;
+  static void widen(const __m512i* words, __m512i, __m512i* v) { nibble_quads(words, v); }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* p = row + u * BYTES;
     b->q = nibbles(load128(p + 4));
@@ -166,11 +179,9 @@ struct Q5_0 {
   static constexpr int ZERO = 16;
   static constexpr bool MIN = false;
   static constexpr int SCALE_AT = 0, MIN_AT = -1;  // byte offsets of d and m
-  static void quads(const uint8_t* base, int64_t row_bytes, int rows, int64_t at, __m512i* v) {
-    __m512i d[4];
-    transpose_rows4(base, row_bytes, rows, at + 6, d);
-    nibble_quads(d, v);
-    __m512i qh = gather32(base, row_bytes, rows, at + 2);
+  static constexpr int VALUES_AT = 6, PIECES = 1, QH_AT = 2;
+  static void widen(const __m512i* words, __m512i qh, __m512i* v) {
+    nibble_quads(words, v);
     for (int k = 0; k < 8; ++k) v[k] = _mm512_or_si512(v[k], fifth_bits16(qh, k));
   }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
@@ -186,11 +197,9 @@ struct Q5_1 {
   static constexpr int ZERO = 0;
   static constexpr bool MIN = true;
   static constexpr int SCALE_AT = 0, MIN_AT = 2;  // byte offsets of d and m
-  static void quads(const uint8_t* base, int64_t row_bytes, int rows, int64_t at, __m512i* v) {
-    __m512i d[4];
-    transpose_rows4(base, row_bytes, rows, at + 8, d);
-    nibble_quads(d, v);
-    __m512i qh = gather32(base, row_bytes, rows, at + 4);
+  static constexpr int VALUES_AT = 8, PIECES = 1, QH_AT = 4;
+  static void widen(const __m512i* words, __m512i qh, __m512i* v) {
+    nibble_quads(words, v);
     for (int k = 0; k < 8; ++k) v[k] = _mm512_or_si512(v[k], fifth_bits16(qh, k));
   }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
@@ -206,9 +215,10 @@ struct Q8_0 {
   static constexpr int ZERO = 128;
   static constexpr bool MIN = false;
   static constexpr int SCALE_AT = 0, MIN_AT = -1;  // byte offsets of d and m
-  static void quads(const uint8_t* base, int64_t row_bytes, int rows, int64_t at, __m512i* v) {
-    transpose_rows8(base, row_bytes, rows, at + 2, v);
-    for (int k = 0; k < 8; ++k) v[k] = _mm512_xor_si512(v[k], _mm512_set1_epi8(-128));  // q + 128
+  static constexpr int VALUES_AT = 2, PIECES = 2, QH_AT = -1;
+  static void widen(const __m512i* words, __m512i, __m512i* v) {
+    for (int k = 0; k < 8; ++k)
+      v[k] = _mm512_xor_si512(words[k], _mm512_set1_epi8(-128));  // q + 128
   }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* p = row + u * BYTES;
