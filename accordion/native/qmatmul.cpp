@@ -113,25 +113,21 @@ void stage(const uint8_t* base, int64_t row_bytes, int rows, int64_t b0, int64_t
   }
 }
 
-// All blocks of 16 rows of a matrix of blocks of 32 into the panel
+// Blocks b0..b0+n of 16 rows of a matrix of blocks of 32 into the panel from block at
 template <class T>
-void decode_blocks(const uint8_t* base, int64_t row_bytes, int rows, int64_t blocks, Panel& p,
-                   Staged& s) {
-  for (int64_t b0 = 0; b0 < blocks; b0 += STAGED) {
-    int64_t n = std::min(STAGED, blocks - b0);
-    stage<T>(base, row_bytes, rows, b0, n, s);
-    for (int64_t j = 0; j < n; ++j) {
-      int64_t b = b0 + j;
-      __m512i words[8];
-      for (int i = 0; i < T::PIECES; ++i) transpose_staged4(s.pieces[j][i][0], words + 4 * i);
-      __m512i qh = T::QH_AT >= 0 ? _mm512_load_si512(s.qh[j]) : _mm512_setzero_si512();
-      T::widen(words, qh, p.q.data() + (b / 2) * 16 + (b % 2) * 8);
-      __m512 scale = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(s.d[j])));
-      p.scale[2 * b] = p.scale[2 * b + 1] = scale;
-      p.min[b] = T::MIN
-                     ? _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(s.m[j])))
-                     : _mm512_setzero_ps();
-    }
+void decode_blocks(const uint8_t* base, int64_t row_bytes, int rows, int64_t b0, int64_t n,
+                   Panel& p, int64_t at, Staged& s) {
+  stage<T>(base, row_bytes, rows, b0, n, s);
+  for (int64_t j = 0; j < n; ++j) {
+    int64_t b = at + j;
+    __m512i words[8];
+    for (int i = 0; i < T::PIECES; ++i) transpose_staged4(s.pieces[j][i][0], words + 4 * i);
+    __m512i qh = T::QH_AT >= 0 ? _mm512_load_si512(s.qh[j]) : _mm512_setzero_si512();
+    T::widen(words, qh, p.q.data() + (b / 2) * 16 + (b % 2) * 8);
+    __m512 scale = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(s.d[j])));
+    p.scale[2 * b] = p.scale[2 * b + 1] = scale;
+    p.min[b] = T::MIN ? _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(s.m[j])))
+                      : _mm512_setzero_ps();
   }
 }
 
@@ -156,6 +152,19 @@ inline void decode_unit(const uint8_t* base, int64_t row_bytes, int rows, int64_
       p.scale[2 * b] = p.scale[2 * b + 1] = sc[j];
     }
     p.min[b] = T::MIN ? mn[j] : _mm512_setzero_ps();
+  }
+}
+
+// Blocks b0..b0+n (b0 and n multiples of STAGED or the end) into the panel from block at
+template <class T>
+void decode_range(const uint8_t* base, int64_t row_bytes, int rows, int64_t b0, int64_t n, Panel& p,
+                  int64_t at, Staged& s) {
+  if constexpr (T::SUBS == 1) {
+    decode_blocks<T>(base, row_bytes, rows, b0, n, p, at, s);
+  } else {
+    for (int64_t b = b0; b < b0 + n; b += T::SUBS) {
+      decode_unit<T>(base, row_bytes, rows, b / T::SUBS, p, at + b - b0);
+    }
   }
 }
 
@@ -253,13 +262,24 @@ void run_group(const uint8_t* base, int64_t n, int64_t row_bytes, const Act& a, 
   int64_t n0 = 16 * g;
   const uint8_t* rows = base + n0 * row_bytes;
   int cols = static_cast<int>(std::min<int64_t>(16, n - n0));
-  panel.resize(a.pairs);  // decoded once, whatever m: a decode row reads it once too
-  if constexpr (T::SUBS == 1) {
-    decode_blocks<T>(rows, row_bytes, cols, a.blocks, panel, staged);
-  } else {
-    for (int64_t u = 0; u < a.blocks / T::SUBS; ++u) {
-      decode_unit<T>(rows, row_bytes, cols, u, panel, u * T::SUBS);
-    }
+  if (m <= MR) {  // decode rows: each staged range used at once, the panel small enough for L1
+    panel.resize(STAGED / 2);
+    with_rows(m, [&](auto r) {
+      constexpr int R = decltype(r)::value;
+      __m512 acc[R];
+      for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t b0 = 0; b0 < a.blocks; b0 += STAGED) {
+        int64_t k = std::min(STAGED, a.blocks - b0);
+        decode_range<T>(rows, row_bytes, cols, b0, k, panel, 0, staged);
+        for (int64_t j = 0; j < k; ++j) accumulate<T, R>(panel, j, a, 0, b0 + j, acc);
+      }
+      store_rows<R>(acc, out + n0, ldy, cols);
+    });
+    return;
+  }
+  panel.resize(a.pairs);  // many rows: the panel decoded once for the whole K
+  for (int64_t b0 = 0; b0 < a.blocks; b0 += STAGED) {
+    decode_range<T>(rows, row_bytes, cols, b0, std::min(STAGED, a.blocks - b0), panel, b0, staged);
   }
   for (int64_t r0 = 0; r0 < m; r0 += MR) {
     float* y = out + r0 * ldy + n0;
