@@ -31,6 +31,100 @@ inline __m256i fifth_bits(uint32_t qh) { return _mm256_maskz_mov_epi8(qh, _mm256
 
 inline uint32_t u32(const uint8_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
+// 32-bit word j (0-3) of the 16 bytes at byte `at` of 16 rows (row r at base + r *
+// row_bytes), in out[j] lane r; rows past `rows` read as zeros. The packed bytes
+// are moved, before they are widened into values: a quarter of the shuffles of
+// transposing the values (transpose16) for 4-bit weights.
+inline void transpose_rows4(const uint8_t* base, int64_t row_bytes, int rows, int64_t at,
+                            __m512i* out) {
+  auto row = [&](int r) {
+    return r < rows ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + r * row_bytes + at))
+                    : _mm_setzero_si128();
+  };
+  __m512i x[4];  // x[t]: rows t, t + 4, t + 8, t + 12 in its four 128-bit lanes
+  for (int t = 0; t < 4; ++t) {
+    __m512i v = _mm512_castsi128_si512(row(t));
+    v = _mm512_inserti32x4(v, row(t + 4), 1);
+    v = _mm512_inserti32x4(v, row(t + 8), 2);
+    x[t] = _mm512_inserti32x4(v, row(t + 12), 3);
+  }
+  // per 128-bit lane s, a 4 x 4 transpose of rows 4s..4s+3: lane r = 4s + i is row r
+  __m512i lo01 = _mm512_unpacklo_epi32(x[0], x[1]), hi01 = _mm512_unpackhi_epi32(x[0], x[1]);
+  __m512i lo23 = _mm512_unpacklo_epi32(x[2], x[3]), hi23 = _mm512_unpackhi_epi32(x[2], x[3]);
+  out[0] = _mm512_unpacklo_epi64(lo01, lo23);
+  out[1] = _mm512_unpackhi_epi64(lo01, lo23);
+  out[2] = _mm512_unpacklo_epi64(hi01, hi23);
+  out[3] = _mm512_unpackhi_epi64(hi01, hi23);
+}
+
+// The same transpose of 16 rows' 16-byte pieces staged side by side in the order
+// (row t, t + 4, t + 8, t + 12) for t = 0..3: four loads instead of sixteen
+inline void transpose_staged4(const uint8_t* s, __m512i* out) {
+  __m512i x[4];
+  for (int t = 0; t < 4; ++t) x[t] = _mm512_load_si512(s + 64 * t);
+  __m512i lo01 = _mm512_unpacklo_epi32(x[0], x[1]), hi01 = _mm512_unpackhi_epi32(x[0], x[1]);
+  __m512i lo23 = _mm512_unpacklo_epi32(x[2], x[3]), hi23 = _mm512_unpackhi_epi32(x[2], x[3]);
+  out[0] = _mm512_unpacklo_epi64(lo01, lo23);
+  out[1] = _mm512_unpackhi_epi64(lo01, lo23);
+  out[2] = _mm512_unpacklo_epi64(hi01, hi23);
+  out[3] = _mm512_unpackhi_epi64(hi01, hi23);
+}
+
+// where row r's piece goes among the 16 staged side by side
+constexpr int staged_slot(int r) { return (r % 4) * 4 + r / 4; }
+
+// 16 rows' 32-bit words at byte `at` of each row (row r at base + r * row_bytes);
+// rows past `rows` read as zeros. All four bytes must lie in the row: its last
+// block may end the file's mapping.
+inline __m512i gather32(const uint8_t* base, int64_t row_bytes, int rows, int64_t at) {
+  __m512i idx =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
+  __mmask16 m = rows >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << rows) - 1);
+  return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, base + at, 1);
+}
+
+// ... their fp16 at byte `at`, as floats
+inline __m512 gather_f16(const uint8_t* base, int64_t row_bytes, int rows, int64_t at) {
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(gather32(base, row_bytes, rows, at)));
+}
+
+// words 0-7 of the 32 bytes at byte `at` of 16 rows (transpose_rows4 twice)
+inline void transpose_rows8(const uint8_t* base, int64_t row_bytes, int rows, int64_t at,
+                            __m512i* out) {
+  transpose_rows4(base, row_bytes, rows, at, out);
+  transpose_rows4(base, row_bytes, rows, at + 16, out + 4);
+}
+
+inline __m512i and8(__m512i v, char mask) { return _mm512_and_si512(v, _mm512_set1_epi8(mask)); }
+
+// The 8 quads of 16 rows' blocks of 32 nibbles (value i low in byte i, value i + 16
+// high) from the transposed words of their 16 bytes
+inline void nibble_quads(const __m512i* d, __m512i* v) {
+  for (int j = 0; j < 4; ++j) {
+    v[j] = and8(d[j], 0x0F);
+    v[4 + j] = and8(_mm512_srli_epi32(d[j], 4), 0x0F);
+  }
+}
+
+// Q5_0 and Q5_1: bits 4k..4k+3 of each lane's qh as 0x10 in its four bytes, the
+// fifth bits of quad k
+inline __m512i fifth_bits16(__m512i qh, int k) {
+#ifdef __AVX512VBMI__
+  // byte m of each 32-bit lane takes the 8 bits of its qword from bit 4k + m - 4 (of
+  // the lane's own half), whose bit 4 is bit 4k + m
+  int64_t control = 0;
+  for (int b = 0; b < 8; ++b)
+    control |= static_cast<int64_t>((32 * (b / 4) + 4 * k + b % 4 - 4) & 63) << (8 * b);
+  return and8(_mm512_multishift_epi64_epi8(_mm512_set1_epi64(control), qh), 0x10);
+#else
+  // the product spreads bit i to bit 8i: its terms do not overlap
+  __m512i x = _mm512_and_si512(_mm512_srli_epi32(qh, 4 * k), _mm512_set1_epi32(0xF));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x00204081));
+  return _mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x01010101)), 4);
+#endif
+}
+
 // One block of 32 weights of one row: its unsigned values (32 bytes; the weight is
 // (value - ZERO) * scale, + min for types with a free minimum), the scale of its
 // first and second 16 values (the same but for Q6_K) and that minimum.
@@ -44,13 +138,20 @@ inline void set_scale(Block* b, float s) { b->scale[0] = b->scale[1] = s; }
 
 // Each type: BYTES per unit of BLOCK values (SUBS blocks of 32); HALVES: scales
 // per block (2: one per 16 values); ZERO: the zero point of its values; MIN: a free
-// minimum; decode(row, u, out) fills the SUBS blocks of unit u.
+// minimum; decode(row, u, out) fills the SUBS blocks of unit u (for AMX's row-major
+// tiles). The vector code reads 16 rows quad-major: v[j] lane r holds values
+// 4j..4j+3 of row r (8 vectors per block, sub-blocks in order), the packed bytes
+// transposed before they are widened. Blocks of 32 give PIECES 16-byte pieces from
+// VALUES_AT (and Q5's high bits from QH_AT), which qmatmul.cpp stages and transposes
+// and widen(words, qh, v) turns into values; super-blocks give them through
+// quads(base, row_bytes, rows, at, v) for the unit at byte `at`.
 struct Q4_0 {
   static constexpr int HALVES = 1, BLOCK = 32, BYTES = 18, SUBS = 1;
   static constexpr int ZERO = 8;
   static constexpr bool MIN = false;
   static constexpr int SCALE_AT = 0, MIN_AT = -1;  // byte offsets of d and m
-  static __m256i values(const uint8_t* p) { return nibbles(load128(p + 2)); }
+  static constexpr int VALUES_AT = 2, PIECES = 1, QH_AT = -1;
+  static void widen(const __m512i* words, __m512i, __m512i* v) { nibble_quads(words, v); }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* p = row + u * BYTES;
     b->q = nibbles(load128(p + 2));
@@ -63,7 +164,8 @@ struct Q4_1 {
   static constexpr int ZERO = 0;
   static constexpr bool MIN = true;
   static constexpr int SCALE_AT = 0, MIN_AT = 2;  // byte offsets of d and m
-  static __m256i values(const uint8_t* p) { return nibbles(load128(p + 4)); }
+  static constexpr int VALUES_AT = 4, PIECES = 1, QH_AT = -1;
+  static void widen(const __m512i* words, __m512i, __m512i* v) { nibble_quads(words, v); }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* p = row + u * BYTES;
     b->q = nibbles(load128(p + 4));
@@ -77,8 +179,10 @@ struct Q5_0 {
   static constexpr int ZERO = 16;
   static constexpr bool MIN = false;
   static constexpr int SCALE_AT = 0, MIN_AT = -1;  // byte offsets of d and m
-  static __m256i values(const uint8_t* p) {
-    return _mm256_or_si256(nibbles(load128(p + 6)), fifth_bits(u32(p + 2)));
+  static constexpr int VALUES_AT = 6, PIECES = 1, QH_AT = 2;
+  static void widen(const __m512i* words, __m512i qh, __m512i* v) {
+    nibble_quads(words, v);
+    for (int k = 0; k < 8; ++k) v[k] = _mm512_or_si512(v[k], fifth_bits16(qh, k));
   }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* p = row + u * BYTES;
@@ -93,8 +197,10 @@ struct Q5_1 {
   static constexpr int ZERO = 0;
   static constexpr bool MIN = true;
   static constexpr int SCALE_AT = 0, MIN_AT = 2;  // byte offsets of d and m
-  static __m256i values(const uint8_t* p) {
-    return _mm256_or_si256(nibbles(load128(p + 8)), fifth_bits(u32(p + 4)));
+  static constexpr int VALUES_AT = 8, PIECES = 1, QH_AT = 4;
+  static void widen(const __m512i* words, __m512i qh, __m512i* v) {
+    nibble_quads(words, v);
+    for (int k = 0; k < 8; ++k) v[k] = _mm512_or_si512(v[k], fifth_bits16(qh, k));
   }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* p = row + u * BYTES;
@@ -109,8 +215,10 @@ struct Q8_0 {
   static constexpr int ZERO = 128;
   static constexpr bool MIN = false;
   static constexpr int SCALE_AT = 0, MIN_AT = -1;  // byte offsets of d and m
-  static __m256i values(const uint8_t* p) {
-    return _mm256_xor_si256(load256(p + 2), _mm256_set1_epi8(static_cast<char>(0x80)));
+  static constexpr int VALUES_AT = 2, PIECES = 2, QH_AT = -1;
+  static void widen(const __m512i* words, __m512i, __m512i* v) {
+    for (int k = 0; k < 8; ++k)
+      v[k] = _mm512_xor_si512(words[k], _mm512_set1_epi8(-128));  // q + 128
   }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* p = row + u * BYTES;
@@ -138,22 +246,6 @@ inline void k_scales(const uint8_t* sb, Block* b) {
     set_scale(&b[j], d * sc);
     b[j].min = -dmin * mn;
   }
-}
-
-// 16 rows' 32-bit words at byte `at` of each row (row r at base + r * row_bytes);
-// rows past `rows` read as zeros. All four bytes must lie in the row: its last
-// block may end the file's mapping.
-inline __m512i gather32(const uint8_t* base, int64_t row_bytes, int rows, int64_t at) {
-  __m512i idx =
-      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                         _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
-  __mmask16 m = rows >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << rows) - 1);
-  return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, base + at, 1);
-}
-
-// ... their fp16 at byte `at`, as floats
-inline __m512 gather_f16(const uint8_t* base, int64_t row_bytes, int rows, int64_t at) {
-  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(gather32(base, row_bytes, rows, at)));
 }
 
 // k_scales across 16 rows: sc[j] = d * scale_j, mn[j] = -dmin * min_j, as the scalar
@@ -209,6 +301,17 @@ struct Q4_K : KWithMin<Q4_K> {
   static void values(const uint8_t* sb, __m256i* q) {
     for (int j = 0; j < 8; ++j) q[j] = k_nibbles(sb + 16 + 32 * (j / 2), j % 2);
   }
+  // sub-blocks 2c and 2c + 1: the low and high nibbles of the 32 bytes at 16 + 32c
+  static void quads(const uint8_t* base, int64_t row_bytes, int rows, int64_t at, __m512i* v) {
+    for (int c = 0; c < 4; ++c) {
+      __m512i d[8];
+      transpose_rows8(base, row_bytes, rows, at + 16 + 32 * c, d);
+      for (int k = 0; k < 8; ++k) {
+        v[16 * c + k] = and8(d[k], 0x0F);
+        v[16 * c + 8 + k] = and8(_mm512_srli_epi32(d[k], 4), 0x0F);
+      }
+    }
+  }
 };
 
 struct Q5_K : KWithMin<Q5_K> {
@@ -218,6 +321,21 @@ struct Q5_K : KWithMin<Q5_K> {
     for (int j = 0; j < 8; ++j) {
       __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, j), _mm256_set1_epi8(0x01));
       q[j] = _mm256_or_si256(k_nibbles(sb + 48 + 32 * (j / 2), j % 2), _mm256_slli_epi16(high, 4));
+    }
+  }
+  static void quads(const uint8_t* base, int64_t row_bytes, int rows, int64_t at, __m512i* v) {
+    __m512i qh[8];
+    transpose_rows8(base, row_bytes, rows, at + 16, qh);
+    for (int c = 0; c < 4; ++c) {
+      __m512i d[8];
+      transpose_rows8(base, row_bytes, rows, at + 48 + 32 * c, d);
+      for (int k = 0; k < 8; ++k) {
+        for (int s = 0; s < 2; ++s) {  // sub-block 2c + s: bit 2c + s of qh
+          __m512i low = and8(_mm512_srli_epi32(d[k], 4 * s), 0x0F);
+          __m512i high = and8(_mm512_srli_epi32(qh[k], 2 * c + s), 0x01);
+          v[16 * c + 8 * s + k] = _mm512_or_si512(low, _mm512_slli_epi32(high, 4));
+        }
+      }
     }
   }
 };
@@ -235,6 +353,22 @@ struct Q6_K {
       __m256i qh = load256(sb + 128 + 32 * n);
       __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * i), _mm256_set1_epi8(0x03));
       q[j] = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+    }
+  }
+  static void quads(const uint8_t* base, int64_t row_bytes, int rows, int64_t at, __m512i* v) {
+    for (int n = 0; n < 2; ++n) {
+      __m512i low[2][8], qh[8];
+      transpose_rows8(base, row_bytes, rows, at + 64 * n, low[0]);
+      transpose_rows8(base, row_bytes, rows, at + 64 * n + 32, low[1]);
+      transpose_rows8(base, row_bytes, rows, at + 128 + 32 * n, qh);
+      for (int i = 0; i < 4; ++i) {  // sub-block j = 4n + i, as values() reads it
+        int j = 4 * n + i;
+        for (int k = 0; k < 8; ++k) {
+          __m512i lo = and8(_mm512_srli_epi32(low[i % 2][k], 4 * (i / 2)), 0x0F);
+          __m512i hi = and8(_mm512_srli_epi32(qh[k], 2 * i), 0x03);
+          v[16 * (j / 2) + 8 * (j % 2) + k] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 4));
+        }
+      }
     }
   }
   static void decode(const uint8_t* row, int64_t u, Block* b) {

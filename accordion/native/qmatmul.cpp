@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -72,67 +73,97 @@ struct Panel {
   }
 };
 
-// Decodes unit u (T::SUBS blocks) of `rows` (<= 16) weight rows into the panel,
-// at block b0 (even); a last odd block is paired with zeros.
+constexpr int64_t STAGED = 16;  // blocks of 32 staged at a time (~10 KiB for Q8_0)
+
+// Blocks of 32 of 16 rows copied row by row (each row read in order, as the
+// prefetchers like) into the order the transpose reads: pieces side by side in
+// staged_slot order, each row's scales and high bits at its index
+struct Staged {
+  alignas(64) uint8_t pieces[STAGED][2][16][16];  // [block][piece][slot][byte]
+  alignas(64) uint16_t d[STAGED][16], m[STAGED][16];
+  alignas(64) uint32_t qh[STAGED][16];
+};
+
 template <class T>
-inline void decode_unit(const uint8_t* base, int64_t row_bytes, int rows, int64_t u, int64_t blocks,
-                        Panel& p, int64_t b0) {
-  if constexpr (T::SUBS == 1) {  // blocks u and u + 1, scales gathered across the rows
-    bool second = u + 1 < blocks;
-    __m512i* v = p.q.data() + (b0 / 2) * 16;
-    for (int r = 0; r < 16; ++r) {
-      if (r >= rows) {  // past the matrix's last row: zeros, whose outputs are not stored
-        v[r] = _mm512_setzero_si512();
-        continue;
+void stage(const uint8_t* base, int64_t row_bytes, int rows, int64_t b0, int64_t n, Staged& s) {
+  for (int r = 0; r < 16; ++r) {
+    int slot = staged_slot(r);
+    if (r >= rows) {  // past the matrix's last row: zeros, whose outputs are not stored
+      for (int64_t j = 0; j < n; ++j) {
+        for (int i = 0; i < T::PIECES; ++i) std::fill_n(s.pieces[j][i][slot], 16, 0);
+        s.d[j][r] = s.m[j][r] = 0;
+        s.qh[j][r] = 0;
       }
-      const uint8_t* w = base + r * row_bytes + u * T::BYTES;
-      // the file's pages are 4 KiB, where the hardware prefetcher stops: fetch
-      // ahead by hand
-      _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH), _MM_HINT_T0);
-      __m256i hi = second ? T::values(w + T::BYTES) : _mm256_setzero_si256();
-      v[r] = _mm512_inserti64x4(_mm512_castsi256_si512(T::values(w)), hi, 1);
+      continue;
     }
-    transpose16(v);
-    for (int i = 0; i < 2; ++i) {
-      __m512 scale = _mm512_setzero_ps(), min = _mm512_setzero_ps();
-      if (u + i < blocks) {
-        scale = gather_f16(base, row_bytes, rows, (u + i) * T::BYTES + T::SCALE_AT);
-        if constexpr (T::MIN) {
-          min = gather_f16(base, row_bytes, rows, (u + i) * T::BYTES + T::MIN_AT);
-        }
+    const uint8_t* w = base + r * row_bytes + b0 * T::BYTES;
+    // the file's pages are 4 KiB, where the hardware prefetcher stops: fetch ahead by hand
+    _mm_prefetch(reinterpret_cast<const char*>(w + n * T::BYTES), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + n * T::BYTES + 64), _MM_HINT_T0);
+    for (int64_t j = 0; j < n; ++j) {
+      const uint8_t* b = w + j * T::BYTES;
+      for (int i = 0; i < T::PIECES; ++i) {
+        _mm_store_si128(reinterpret_cast<__m128i*>(s.pieces[j][i][slot]),
+                        load128(b + T::VALUES_AT + 16 * i));
       }
-      int64_t b = b0 + i;  // where in the panel
-      p.scale[2 * b] = p.scale[2 * b + 1] = scale;
-      p.min[b] = min;
+      s.d[j][r] = *reinterpret_cast<const uint16_t*>(b + T::SCALE_AT);
+      if constexpr (T::MIN) s.m[j][r] = *reinterpret_cast<const uint16_t*>(b + T::MIN_AT);
+      if constexpr (T::QH_AT >= 0) s.qh[j][r] = u32(b + T::QH_AT);
     }
+  }
+}
+
+// Blocks b0..b0+n of 16 rows of a matrix of blocks of 32 into the panel from block at
+template <class T>
+void decode_blocks(const uint8_t* base, int64_t row_bytes, int rows, int64_t b0, int64_t n,
+                   Panel& p, int64_t at, Staged& s) {
+  stage<T>(base, row_bytes, rows, b0, n, s);
+  for (int64_t j = 0; j < n; ++j) {
+    int64_t b = at + j;
+    __m512i words[8];
+    for (int i = 0; i < T::PIECES; ++i) transpose_staged4(s.pieces[j][i][0], words + 4 * i);
+    __m512i qh = T::QH_AT >= 0 ? _mm512_load_si512(s.qh[j]) : _mm512_setzero_si512();
+    T::widen(words, qh, p.q.data() + (b / 2) * 16 + (b % 2) * 8);
+    __m512 scale = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(s.d[j])));
+    p.scale[2 * b] = p.scale[2 * b + 1] = scale;
+    p.min[b] = T::MIN ? _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(s.m[j])))
+                      : _mm512_setzero_ps();
+  }
+}
+
+// Decodes super-block u of `rows` (<= 16) weight rows into the panel at block b0
+template <class T>
+inline void decode_unit(const uint8_t* base, int64_t row_bytes, int rows, int64_t u, Panel& p,
+                        int64_t b0) {
+  // the file's pages are 4 KiB, where the hardware prefetcher stops: fetch ahead by hand
+  for (int r = 0; r < rows; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(base + r * row_bytes + u * T::BYTES + PREFETCH),
+                 _MM_HINT_T0);
+  }
+  T::quads(base, row_bytes, rows, u * T::BYTES, p.q.data() + (b0 / 2) * 16);
+  __m512 sc[16], mn[8];  // scales unpacked across the rows
+  T::scales(base + u * T::BYTES, row_bytes, rows, sc, mn);
+  for (int j = 0; j < 8; ++j) {
+    int64_t b = b0 + j;
+    if constexpr (T::HALVES == 2) {
+      p.scale[2 * b] = sc[2 * j];
+      p.scale[2 * b + 1] = sc[2 * j + 1];
+    } else {
+      p.scale[2 * b] = p.scale[2 * b + 1] = sc[j];
+    }
+    p.min[b] = T::MIN ? mn[j] : _mm512_setzero_ps();
+  }
+}
+
+// Blocks b0..b0+n (b0 and n multiples of STAGED or the end) into the panel from block at
+template <class T>
+void decode_range(const uint8_t* base, int64_t row_bytes, int rows, int64_t b0, int64_t n, Panel& p,
+                  int64_t at, Staged& s) {
+  if constexpr (T::SUBS == 1) {
+    decode_blocks<T>(base, row_bytes, rows, b0, n, p, at, s);
   } else {
-    // a super-block (8 blocks, 4 pairs) of each row; scales unpacked across the rows
-    for (int r = 0; r < 16; ++r) {
-      __m256i q[8];
-      if (r < rows) {
-        const uint8_t* w = base + r * row_bytes + u * T::BYTES;
-        _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH), _MM_HINT_T0);
-        T::values(w, q);
-      } else {  // past the matrix's last row: zeros, whose outputs are not stored
-        for (int j = 0; j < 8; ++j) q[j] = _mm256_setzero_si256();
-      }
-      for (int c = 0; c < 4; ++c) {
-        p.q[(b0 / 2 + c) * 16 + r] =
-            _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * c]), q[2 * c + 1], 1);
-      }
-    }
-    for (int c = 0; c < 4; ++c) transpose16(p.q.data() + (b0 / 2 + c) * 16);
-    __m512 sc[16], mn[8];
-    T::scales(base + u * T::BYTES, row_bytes, rows, sc, mn);
-    for (int j = 0; j < 8; ++j) {
-      int64_t b = b0 + j;
-      if constexpr (T::HALVES == 2) {
-        p.scale[2 * b] = sc[2 * j];
-        p.scale[2 * b + 1] = sc[2 * j + 1];
-      } else {
-        p.scale[2 * b] = p.scale[2 * b + 1] = sc[j];
-      }
-      p.min[b] = T::MIN ? mn[j] : _mm512_setzero_ps();
+    for (int64_t b = b0; b < b0 + n; b += T::SUBS) {
+      decode_unit<T>(base, row_bytes, rows, b / T::SUBS, p, at + b - b0);
     }
   }
 }
@@ -176,26 +207,8 @@ inline void store_rows(const __m512* acc, float* y, int64_t ldy, int cols) {
   for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * ldy, m, acc[r]);
 }
 
-constexpr int64_t unit_blocks(int subs) { return subs < 2 ? 2 : subs; }
-
-// Few activation rows (decode): each unit decoded and used at once, `p` holds one.
-template <class T, int R>
-void stream_rows(const uint8_t* base, int64_t row_bytes, int cols, const Act& a, Panel& p, float* y,
-                 int64_t ldy) {
-  constexpr int64_t U = unit_blocks(T::SUBS);
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t b0 = 0; b0 < a.blocks; b0 += U) {
-    decode_unit<T>(base, row_bytes, cols, b0 / T::SUBS, a.blocks, p, 0);
-    for (int64_t j = 0; j < std::min(U, a.blocks - b0); ++j) {
-      accumulate<T, R>(p, j, a, 0, b0 + j, acc);
-    }
-  }
-  store_rows<R>(acc, y, ldy, cols);
-}
-
-// Many activation rows (prefill): the panel decoded once for the whole K, then
-// rows r0..r0+R at a time.
+// The panel (16 weight rows decoded for the whole K) against activation rows
+// r0..r0+R.
 template <class T, int R>
 void panel_rows(const Panel& p, const Act& a, int64_t r0, float* y, int64_t ldy, int cols) {
   __m512 acc[R];
@@ -245,20 +258,28 @@ void for_tiles(int64_t m, int64_t n, Fn fn) {
 // Output columns 16g..16g+15 of one matrix for all m activation rows.
 template <class T>
 void run_group(const uint8_t* base, int64_t n, int64_t row_bytes, const Act& a, int64_t m,
-               float* out, int64_t ldy, int64_t g, Panel& panel) {
+               float* out, int64_t ldy, int64_t g, Panel& panel, Staged& staged) {
   int64_t n0 = 16 * g;
   const uint8_t* rows = base + n0 * row_bytes;
   int cols = static_cast<int>(std::min<int64_t>(16, n - n0));
-  if (m <= MR) {
-    panel.resize(unit_blocks(T::SUBS) / 2);
+  if (m <= MR) {  // decode rows: each staged range used at once, the panel small enough for L1
+    panel.resize(STAGED / 2);
     with_rows(m, [&](auto r) {
-      stream_rows<T, decltype(r)::value>(rows, row_bytes, cols, a, panel, out + n0, ldy);
+      constexpr int R = decltype(r)::value;
+      __m512 acc[R];
+      for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t b0 = 0; b0 < a.blocks; b0 += STAGED) {
+        int64_t k = std::min(STAGED, a.blocks - b0);
+        decode_range<T>(rows, row_bytes, cols, b0, k, panel, 0, staged);
+        for (int64_t j = 0; j < k; ++j) accumulate<T, R>(panel, j, a, 0, b0 + j, acc);
+      }
+      store_rows<R>(acc, out + n0, ldy, cols);
     });
     return;
   }
-  panel.resize(a.pairs);
-  for (int64_t b0 = 0; b0 < a.blocks; b0 += unit_blocks(T::SUBS)) {
-    decode_unit<T>(rows, row_bytes, cols, b0 / T::SUBS, a.blocks, panel, b0);
+  panel.resize(a.pairs);  // many rows: the panel decoded once for the whole K
+  for (int64_t b0 = 0; b0 < a.blocks; b0 += STAGED) {
+    decode_range<T>(rows, row_bytes, cols, b0, std::min(STAGED, a.blocks - b0), panel, b0, staged);
   }
   for (int64_t r0 = 0; r0 < m; r0 += MR) {
     float* y = out + r0 * ldy + n0;
@@ -280,13 +301,14 @@ void run_quantized(const std::vector<Part>& parts, const Act& a, int64_t m, floa
   for (const Part& p : parts) first.push_back(first.back() + (p.w->size(0) + 15) / 16);
   at::parallel_for(0, first.back(), 1, [&](int64_t begin, int64_t end) {
     Panel panel;
+    auto staged = std::make_unique<Staged>();
     size_t i = 0;
     for (int64_t g = begin; g < end; ++g) {
       while (g >= first[i + 1]) ++i;
       const Tensor& w = *parts[i].w;
       with_type(w.size(2), [&](auto type) {
         run_group<decltype(type)>(w.data_ptr<uint8_t>(), w.size(0), w.size(1) * w.size(2), a, m,
-                                  out + parts[i].col, ldy, g - first[i], panel);
+                                  out + parts[i].col, ldy, g - first[i], panel, *staged);
       });
     }
   });
