@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from accordion import batch
+if TYPE_CHECKING:  # each command imports it: it brings torch, which `accordion list` need not load
+    from accordion import batch
 
 app = typer.Typer(
     help="Run a JSONL file of chat requests through one model, exactly once across crashes.",
@@ -94,6 +95,8 @@ def run(
     quiet: Quiet = False,
 ) -> None:
     """Run a job (the same INPUT and OUT again resume it)."""
+    from accordion import batch
+
     sampling = {
         "temperature": temperature,
         "top_p": top_p,
@@ -141,6 +144,8 @@ def resume(
     quiet: Quiet = False,
 ) -> None:
     """Continue a job: finished requests are never run again."""
+    from accordion import batch
+
     with _bar(quiet) as show:
         progress = batch.resume(
             job_dir,
@@ -163,6 +168,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
 ) -> None:
     """A job's state and counts."""
+    from accordion import batch
+
     doc = batch.status(job_dir)
     if as_json:
         print(json.dumps(doc, indent=2))
@@ -175,6 +182,8 @@ def status(
 @app.command("list")
 def list_() -> None:
     """Every job under ~/.accordion/batches ($ACCORDION_BATCHES), and the server's batches."""
+    from accordion import batch
+
     rows = [
         [d["job_dir"], d["state"], f"{d['done']}/{d['total']}", str(d["failed"]), d["model"]]
         for d in batch.jobs()
@@ -188,6 +197,8 @@ def list_() -> None:
 @app.command("cancel")
 def cancel(job_dir: JobDir) -> None:
     """Stop a running job (what is done stays done; resume continues it)."""
+    from accordion import batch
+
     running = batch.cancel(job_dir)
     print("cancelling: the job stops after its next commit" if running else "cancelled")
 
