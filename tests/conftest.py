@@ -135,6 +135,13 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, atol: floa
         )
 
 
+def file_key(path: str | Path) -> tuple[str, int, int]:
+    """A file's identity for the caches below: its real path, size and mtime (a test
+    that writes a GGUF, or rewrites one, gets its own entry)."""
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_size, st.st_mtime_ns
+
+
 def share_transformers_gguf_metadata() -> None:
     """transformers' metadata-only GGUF loads, made once per file for the session.
 
@@ -156,8 +163,7 @@ def share_transformers_gguf_metadata() -> None:
     def load(path: str, return_tensors: bool = False, **kwargs: Any) -> dict[str, Any]:
         if return_tensors or kwargs:
             return real(path, return_tensors, **kwargs)
-        st = os.stat(path)
-        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        key = file_key(path)
         if key not in results:
             results[key] = real(path, return_tensors=False)
         return copy.deepcopy(results[key])
@@ -179,12 +185,10 @@ def shared_gguf_readers() -> Iterator[None]:
     import gguf
 
     real = gguf.GGUFReader
-    readers: dict[tuple[str, str, int, int], Any] = {}
+    readers: dict[tuple[tuple[str, int, int], str], Any] = {}
 
     def reader(path: Any, mode: str = "r") -> Any:
-        resolved = Path(path).resolve()
-        st = resolved.stat()
-        key = (str(resolved), mode, st.st_size, st.st_mtime_ns)
+        key = (file_key(path), mode)
         if key not in readers:
             readers[key] = real(path, mode)
         return readers[key]

@@ -31,6 +31,17 @@ inline __m256i fifth_bits(uint32_t qh) { return _mm256_maskz_mov_epi8(qh, _mm256
 
 inline uint32_t u32(const uint8_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
+// x[t] holds rows t, t + 4, t + 8, t + 12 in its four 128-bit lanes: per lane s, a
+// 4 x 4 transpose of rows 4s..4s+3, so that out[j] lane r = 4s + i is word j of row r
+inline void transpose_lanes4(const __m512i* x, __m512i* out) {
+  __m512i lo01 = _mm512_unpacklo_epi32(x[0], x[1]), hi01 = _mm512_unpackhi_epi32(x[0], x[1]);
+  __m512i lo23 = _mm512_unpacklo_epi32(x[2], x[3]), hi23 = _mm512_unpackhi_epi32(x[2], x[3]);
+  out[0] = _mm512_unpacklo_epi64(lo01, lo23);
+  out[1] = _mm512_unpackhi_epi64(lo01, lo23);
+  out[2] = _mm512_unpacklo_epi64(hi01, hi23);
+  out[3] = _mm512_unpackhi_epi64(hi01, hi23);
+}
+
 // 32-bit word j (0-3) of the 16 bytes at byte `at` of 16 rows (row r at base + r *
 // row_bytes), in out[j] lane r; rows past `rows` read as zeros. The packed bytes
 // are moved, before they are widened into values: a quarter of the shuffles of
@@ -48,13 +59,7 @@ inline void transpose_rows4(const uint8_t* base, int64_t row_bytes, int rows, in
     v = _mm512_inserti32x4(v, row(t + 8), 2);
     x[t] = _mm512_inserti32x4(v, row(t + 12), 3);
   }
-  // per 128-bit lane s, a 4 x 4 transpose of rows 4s..4s+3: lane r = 4s + i is row r
-  __m512i lo01 = _mm512_unpacklo_epi32(x[0], x[1]), hi01 = _mm512_unpackhi_epi32(x[0], x[1]);
-  __m512i lo23 = _mm512_unpacklo_epi32(x[2], x[3]), hi23 = _mm512_unpackhi_epi32(x[2], x[3]);
-  out[0] = _mm512_unpacklo_epi64(lo01, lo23);
-  out[1] = _mm512_unpackhi_epi64(lo01, lo23);
-  out[2] = _mm512_unpacklo_epi64(hi01, hi23);
-  out[3] = _mm512_unpackhi_epi64(hi01, hi23);
+  transpose_lanes4(x, out);
 }
 
 // The same transpose of 16 rows' 16-byte pieces staged side by side in the order
@@ -62,12 +67,7 @@ inline void transpose_rows4(const uint8_t* base, int64_t row_bytes, int rows, in
 inline void transpose_staged4(const uint8_t* s, __m512i* out) {
   __m512i x[4];
   for (int t = 0; t < 4; ++t) x[t] = _mm512_load_si512(s + 64 * t);
-  __m512i lo01 = _mm512_unpacklo_epi32(x[0], x[1]), hi01 = _mm512_unpackhi_epi32(x[0], x[1]);
-  __m512i lo23 = _mm512_unpacklo_epi32(x[2], x[3]), hi23 = _mm512_unpackhi_epi32(x[2], x[3]);
-  out[0] = _mm512_unpacklo_epi64(lo01, lo23);
-  out[1] = _mm512_unpackhi_epi64(lo01, lo23);
-  out[2] = _mm512_unpacklo_epi64(hi01, hi23);
-  out[3] = _mm512_unpackhi_epi64(hi01, hi23);
+  transpose_lanes4(x, out);
 }
 
 // where row r's piece goes among the 16 staged side by side
@@ -125,6 +125,12 @@ inline __m512i fifth_bits16(__m512i qh, int k) {
 #endif
 }
 
+// Q5_0 and Q5_1: the nibbles' quads with each value's fifth bit from qh
+inline void fifth_quads(const __m512i* words, __m512i qh, __m512i* v) {
+  nibble_quads(words, v);
+  for (int k = 0; k < 8; ++k) v[k] = _mm512_or_si512(v[k], fifth_bits16(qh, k));
+}
+
 // One block of 32 weights of one row: its unsigned values (32 bytes; the weight is
 // (value - ZERO) * scale, + min for types with a free minimum), the scale of its
 // first and second 16 values (the same but for Q6_K) and that minimum.
@@ -180,10 +186,7 @@ struct Q5_0 {
   static constexpr bool MIN = false;
   static constexpr int SCALE_AT = 0, MIN_AT = -1;  // byte offsets of d and m
   static constexpr int VALUES_AT = 6, PIECES = 1, QH_AT = 2;
-  static void widen(const __m512i* words, __m512i qh, __m512i* v) {
-    nibble_quads(words, v);
-    for (int k = 0; k < 8; ++k) v[k] = _mm512_or_si512(v[k], fifth_bits16(qh, k));
-  }
+  static void widen(const __m512i* words, __m512i qh, __m512i* v) { fifth_quads(words, qh, v); }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* p = row + u * BYTES;
     __m256i q = _mm256_or_si256(nibbles(load128(p + 6)), fifth_bits(u32(p + 2)));
@@ -198,10 +201,7 @@ struct Q5_1 {
   static constexpr bool MIN = true;
   static constexpr int SCALE_AT = 0, MIN_AT = 2;  // byte offsets of d and m
   static constexpr int VALUES_AT = 8, PIECES = 1, QH_AT = 4;
-  static void widen(const __m512i* words, __m512i qh, __m512i* v) {
-    nibble_quads(words, v);
-    for (int k = 0; k < 8; ++k) v[k] = _mm512_or_si512(v[k], fifth_bits16(qh, k));
-  }
+  static void widen(const __m512i* words, __m512i qh, __m512i* v) { fifth_quads(words, qh, v); }
   static void decode(const uint8_t* row, int64_t u, Block* b) {
     const uint8_t* p = row + u * BYTES;
     b->q = _mm256_or_si256(nibbles(load128(p + 8)), fifth_bits(u32(p + 4)));
