@@ -31,7 +31,6 @@ namespace {
 
 constexpr int64_t MR = 8;  // activation rows per tile: each decoded weight block serves them all
 constexpr int64_t NB = 8;  // float weights: rows per pass over a tile of activation rows
-constexpr int64_t PREFETCH = 256;  // bytes of a weight row fetched ahead of the one decoded
 
 // fn(std::integral_constant<int, R>{}) for R = rows (1..MR): the kernels take their
 // row count as a template argument, so that their accumulators stay in registers
@@ -96,9 +95,10 @@ void stage(const uint8_t* base, int64_t row_bytes, int rows, int64_t b0, int64_t
       continue;
     }
     const uint8_t* w = base + r * row_bytes + b0 * T::BYTES;
-    // the file's pages are 4 KiB, where the hardware prefetcher stops: fetch ahead by hand
-    _mm_prefetch(reinterpret_cast<const char*>(w + n * T::BYTES), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + n * T::BYTES + 64), _MM_HINT_T0);
+    // the next 16 rows' same range, fetched while these are decoded (a prefetch never
+    // faults, so past the matrix's end too)
+    const char* ahead = reinterpret_cast<const char*>(w + 16 * row_bytes);
+    for (int64_t off = 0; off < n * T::BYTES; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
     for (int64_t j = 0; j < n; ++j) {
       const uint8_t* b = w + j * T::BYTES;
       for (int i = 0; i < T::PIECES; ++i) {
@@ -134,10 +134,10 @@ void decode_blocks(const uint8_t* base, int64_t row_bytes, int rows, int64_t b0,
 template <class T>
 inline void decode_unit(const uint8_t* base, int64_t row_bytes, int rows, int64_t u, Panel& p,
                         int64_t b0) {
-  // the file's pages are 4 KiB, where the hardware prefetcher stops: fetch ahead by hand
+  // the next 16 rows' same super-block, fetched while these are decoded
   for (int r = 0; r < rows; ++r) {
-    _mm_prefetch(reinterpret_cast<const char*>(base + r * row_bytes + u * T::BYTES + PREFETCH),
-                 _MM_HINT_T0);
+    const char* ahead = reinterpret_cast<const char*>(base + (16 + r) * row_bytes + u * T::BYTES);
+    for (int off = 0; off < T::BYTES; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
   }
   T::quads(base, row_bytes, rows, u * T::BYTES, p.q.data() + (b0 / 2) * 16);
   __m512 sc[16], mn[8];  // scales unpacked across the rows
