@@ -98,7 +98,7 @@ void stage(const uint8_t* base, int64_t row_bytes, int rows, int64_t b0, int64_t
     // the next 16 rows' same range, fetched while these are decoded (a prefetch never
     // faults, so past the matrix's end too)
     const char* ahead = reinterpret_cast<const char*>(w + 16 * row_bytes);
-    for (int64_t off = 0; off < n * T::BYTES; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+    for (int64_t off = 0; off < n * T::BYTES; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T1);
     for (int64_t j = 0; j < n; ++j) {
       const uint8_t* b = w + j * T::BYTES;
       for (int i = 0; i < T::PIECES; ++i) {
@@ -137,7 +137,7 @@ inline void decode_unit(const uint8_t* base, int64_t row_bytes, int rows, int64_
   // the next 16 rows' same super-block, fetched while these are decoded
   for (int r = 0; r < rows; ++r) {
     const char* ahead = reinterpret_cast<const char*>(base + (16 + r) * row_bytes + u * T::BYTES);
-    for (int off = 0; off < T::BYTES; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+    for (int off = 0; off < T::BYTES; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T1);
   }
   T::quads(base, row_bytes, rows, u * T::BYTES, p.q.data() + (b0 / 2) * 16);
   __m512 sc[16], mn[8];  // scales unpacked across the rows
