@@ -114,6 +114,30 @@ def test_native_logits_do_not_depend_on_chunks_or_block_placement(
         assert torch.equal(runs[0], other)
 
 
+@pytest.mark.parametrize("arch", list(TINY_SPECS))
+@pytest.mark.parametrize("mode", ["auto", "fp32"])
+def test_native_stack_gives_the_per_block_bits(tiny_dir: Path, arch: str, mode: str) -> None:
+    """All blocks in one native call (native/stack.cpp) and the Python loop over the
+    per-block ops: the same bits, decode steps and prefill chunks over scattered
+    blocks (gemma3: two RoPE bases, windowed and global layers)."""
+    gf = open_gguf(tiny_dir / f"{arch}.gguf")
+    cfg = config_from_gguf(gf)
+    decoder = build_decoder(gf, cfg, mode)
+    assert decoder.stack is not None
+    stack = decoder.stack
+    rng = random.Random(9)
+    ids = [rng.randrange(256) for _ in range(30)]
+    blocks = rng.sample(range(40), 8)
+    for chunk in (1, 7, 30):
+        decoder.stack = stack
+        fast = paged_logits(decoder, cfg, ids, 4, blocks, chunk)
+        decoder.stack = None  # each block's three ops from Python
+        slow = paged_logits(decoder, cfg, ids, 4, blocks, chunk)
+        assert torch.equal(fast, slow)
+    decoder.use_native(False)
+    assert decoder.stack is None
+
+
 def assert_agree(fast: torch.Tensor, slow: torch.Tensor, mode: str) -> None:
     """float32 to rounding; with the bf16 K/V cache within one bf16 step of the largest
     logit, and the same argmax."""

@@ -18,6 +18,7 @@ from accordion.models.config import ModelConfig
 from accordion.models.head import DenseRows, ExactRows, rescore
 from accordion.models.layers import ACTIVATIONS, RMSNorm, Rope, apply_rope, gelu_tanh
 from accordion.models.linear import Linear
+from accordion.models.stack import NativeStack
 
 
 class PagedKV(Protocol):
@@ -166,11 +167,15 @@ class Decoder(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(Block(cfg, i, w) for i, w in enumerate(blocks))
         self.out_norm = RMSNorm(out_norm, cfg.norm_eps)
         self.lm_head, self.ropes = lm_head, ropes
+        self.stack: NativeStack | None = None  # see use_native
+        self.use_native(True)
 
     def use_native(self, on: bool) -> None:
-        """Every block on the native ops (when built) or on the Python path."""
+        """Every block on the native ops (when built) or on the Python path; on
+        them, a step runs all blocks in one native call where it can (models/stack.py)."""
         for block in self.blocks:
             block.use_native(on)
+        self.stack = NativeStack(self) if on and NativeStack.fits(self) else None
 
     def rope_base(self, index: int) -> float:
         local = self.cfg.window_layers[index]
@@ -198,6 +203,8 @@ class Decoder(torch.nn.Module):
         if self.cfg.embed_scale != 1.0:
             x = x * self.cfg.embed_scale
         tables = {base: rope.tables(batch.positions) for base, rope in self.ropes.items()}
+        if self.stack is not None:
+            return self.stack.run(x, tables, batch, kv)
         for i, block in enumerate(self.blocks):
             group = kv.group_of(i)
             x = block(x, tables[self.rope_base(i)], kv.layer(i), batch.attn[group])
