@@ -9,7 +9,8 @@ Side by side in one run, greedy with `ignore_eos` so every answer has its length
     time from the first chunk to the last, as the client sees them), with the engines
     on the server's main thread, and with --engine-process;
   8 clients at once on each server: aggregate tokens/s and mean time to first token;
-  llama.cpp's llama-server on the same file (../shared/peers), one streamed completion;
+  llama.cpp's llama-server on the same file (../shared/peers): one streamed completion on
+    one slot, and the same 8 clients on 8 slots;
   RSS after a short request: the server's process, and the engine process;
   restart: SIGKILL of the engine process during 4 streams, the time from the kill to the
     first chunk after it, and whether the streams end as undisturbed ones do.
@@ -19,6 +20,7 @@ Best of --rounds for rates. Prints markdown, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -70,40 +72,53 @@ def stream(url: str, model: str, tokens: int, prompt: str = PROMPT) -> dict[str,
     return {"start": start, "stamps": stamps, "text": "".join(text)}
 
 
-def llama_server(model: str, tokens: int, rounds: int) -> float | None:
-    """llama.cpp's server on the same file, one streamed completion (its own route)."""
+def llama_server(model: str, tokens: int, rounds: int, n: int) -> dict[str, float] | None:
+    """llama.cpp's server on the same file through its own route: one streamed completion
+    (best of `rounds`) on one slot, then `n` clients at once on `n` slots (-np n, each
+    slot with the context the single run had)."""
     binary = Path(__file__).resolve().parents[2] / "shared/peers/llama.cpp/llama-server"
     if not binary.exists():
         return None
     from accordion.loader.bundled import resolve_model_path
 
-    port = free_port()
-    args = [str(binary), "-m", str(resolve_model_path(model)), "-a", model, "--host"]
-    args += ["127.0.0.1", "--port", str(port), "-t", "2", "-c", "8192", "-np", "1"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        body = {"prompt": PROMPT, "n_predict": tokens, "stream": True, "temperature": 0}
-        body["ignore_eos"] = True
-        best = 0.0
-        for _ in range(rounds):
-            stamps = []
-            with httpx.stream("POST", url + "/completion", json=body, timeout=600) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: ") and json.loads(line[6:]).get("content"):
-                        stamps.append(time.perf_counter())
-            best = max(best, (len(stamps) - 1) / (stamps[-1] - stamps[0]))
-        return best
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    out: dict[str, float] = {}
+    for slots in (1, n):
+        port = free_port()
+        args = [str(binary), "-m", str(resolve_model_path(model)), "-a", model, "--host"]
+        args += ["127.0.0.1", "--port", str(port), "-t", "2", "-c", str(8192 * slots)]
+        args += ["-np", str(slots)]
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            if slots == 1:
+                runs = [peer_stream(url, tokens)["stamps"] for _ in range(rounds)]
+                out["single"] = max((len(s) - 1) / (s[-1] - s[0]) for s in runs)
+            else:
+                prompts = [f"{PROMPT} ({i})" for i in range(n)]
+                answer = functools.partial(peer_stream, url, tokens // 2)
+                out["aggregate"], out["ttft"] = at_once(answer, prompts)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    return out
+
+
+def peer_stream(url: str, tokens: int, prompt: str = PROMPT) -> dict[str, Any]:
+    body = {"prompt": prompt, "n_predict": tokens, "stream": True, "temperature": 0}
+    body["ignore_eos"] = True
+    start, stamps = time.perf_counter(), []
+    with httpx.stream("POST", url + "/completion", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:]).get("content"):
+                stamps.append(time.perf_counter())
+    return {"start": start, "stamps": stamps}
 
 
 def single(url: str, model: str, tokens: int, rounds: int) -> float:
@@ -115,12 +130,18 @@ def single(url: str, model: str, tokens: int, rounds: int) -> float:
 
 
 def clients(url: str, model: str, tokens: int, n: int) -> tuple[float, float]:
-    results: list[dict[str, Any]] = [{} for _ in range(n)]
+    prompts = [f"{PROMPT} ({i})" for i in range(n)]
+    return at_once(lambda p: stream(url, model, tokens, p), prompts)
+
+
+def at_once(fn: Any, prompts: list[str]) -> tuple[float, float]:
+    """Every prompt streamed at once through fn: aggregate tokens/s and mean TTFT."""
+    results: list[dict[str, Any]] = [{} for _ in prompts]
 
     def one(i: int) -> None:
-        results[i] = stream(url, model, tokens, f"{PROMPT} ({i})")
+        results[i] = fn(prompts[i])
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -164,7 +185,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
     out: dict[str, Any] = {"in_process": in_process(args.model, args.tokens, args.rounds)}
-    out["llama_server"] = llama_server(args.model, args.tokens, args.rounds)
+    out["llama_server"] = llama_server(args.model, args.tokens, args.rounds, args.clients)
     one, two = {"ACCORDION_ENGINE_PROCESS": "0"}, {"ACCORDION_ENGINE_PROCESS": "1"}
     for name, env in (("main_thread", one), ("engine_process", two)):
         server = LiveServer(Path(tempfile.mkdtemp()), env=env)
@@ -188,14 +209,26 @@ def main() -> None:
     print("| | single-stream decode tok/s | vs in process | 8 clients tok/s | mean TTFT s |")
     print("|---|---:|---:|---:|---:|")
     print(f"| in process (LLM) | {base:.1f} | 1.00x | | |")
-    if out["llama_server"]:
-        peer = out["llama_server"]
-        print(f"| llama-server, same file, 2 threads | {peer:.1f} | {peer / base:.2f}x | | |")
+    peer = out["llama_server"]
+    if peer:
+        print(
+            f"| llama-server, same file, 2 threads (-np 1; -np {args.clients} for the clients)"
+            f" | {peer['single']:.1f} | {peer['single'] / base:.2f}x | {peer['aggregate']:.1f}"
+            f" | {peer['ttft']:.3f} |"
+        )
     for name in ("main_thread", "engine_process"):
         r = out[name]
         print(
             f"| server, {name.replace('_', ' ')} | {r['single']:.1f} | {r['single'] / base:.2f}x"
             f" | {r['aggregate']:.1f} | {r['ttft']:.3f} |"
+        )
+    if peer:
+        r = out["engine_process"]
+        print(
+            "\nserve (engine process) / llama-server:"
+            f" single stream {r['single'] / peer['single']:.2f}x,"
+            f" {args.clients} clients {r['aggregate'] / peer['aggregate']:.2f}x,"
+            f" mean TTFT {r['ttft'] / peer['ttft']:.2f}x"
         )
     for name in ("main_thread", "engine_process"):
         parts = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in out[name]["rss"].items())
