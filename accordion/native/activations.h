@@ -135,10 +135,16 @@ inline void transpose16(__m512i* v) {
   }
 }
 
-// Products of many activation rows on AMX (qmatmul_amx.cpp): false where the CPU
-// or the kernel lacks AMX, or where `m` rows are too few to pay for the tiles.
-bool amx_matmul(const uint8_t* w, int64_t n, int64_t row_bytes, int64_t block_bytes, const Act& a,
-                int64_t m, float* out, int64_t ldy);
+// Products of many activation rows on AMX (qmatmul_amx.cpp), every part's groups in
+// one parallel loop: false where the CPU or the kernel lacks AMX, or where `m` rows
+// are too few to pay for the tiles.
+struct AmxPart {
+  const uint8_t* w;
+  int64_t n, row_bytes, block_bytes;  // rows, bytes a row, bytes a block (the type)
+  int64_t col;                        // its first output column
+};
+bool amx_matmul(const std::vector<AmxPart>& parts, const Act& a, int64_t m, float* out,
+                int64_t ldy);
 bool amx_available();
 
 }  // namespace accordion_native

@@ -6,6 +6,7 @@
 // Results agree with the Python to float32 rounding (tests/test_native.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -62,6 +63,15 @@ inline void rope(const float* x, const float* cos, const float* sin, float* out,
 
 const float* opt_ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
 
+// fn(r) for rows 0..t, split over the threads for a prefill chunk's many (each row
+// alone, so no bit depends on the split); a decode step's few stay on this thread
+template <class Fn>
+void for_rows(int64_t t, Fn fn) {
+  at::parallel_for(0, t, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) fn(r);
+  });
+}
+
 }  // namespace
 
 // Block.queries: normed input through QKV, q/k norm, RoPE; K and V stored at
@@ -83,37 +93,40 @@ Tensor block_queries(const Tensor& x, const Tensor& norm_w, double norm_eps, con
   int64_t t = x.size(0), hidden = x.size(1), n_qk = n_heads + n_kv_heads;
   // everything between the matrix products is float32, as the products take and give
   Tensor normed = x.clone();
-  std::vector<float> row(std::max(hidden, d)), rot(d);
-  for (int64_t r = 0; r < t; ++r) {
-    rms_norm(normed.data_ptr<float>() + r * hidden, norm_w.data_ptr<float>(), norm_eps * hidden,
-             hidden);
-  }
+  float* nx = normed.data_ptr<float>();
+  const float* nw = norm_w.data_ptr<float>();
+  for_rows(t, [&](int64_t r) { rms_norm(nx + r * hidden, nw, norm_eps * hidden, hidden); });
   Tensor heads = linear(normed, qkv);  // [T, (heads + 2 kv_heads) * d]
   TORCH_CHECK(heads.is_contiguous() && heads.size(1) == (n_qk + n_kv_heads) * d, "QKV shape");
   Tensor q = at::empty({t, n_heads, d}, x.options().dtype(k_cache.scalar_type()));
   const float* qk_w = opt_ptr(qk_norm_w);
   const float *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
   const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t r = 0; r < t; ++r) {
+    TORCH_CHECK(slot[r] >= 0 && slot[r] < k_cache.size(1), "slot out of range");
+  }
   int64_t hs = k_cache.stride(0), ss = k_cache.stride(1);
   const float* src = heads.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, k_cache.scalar_type(), "block_queries_kv", [&] {
     scalar_t *qp = q.data_ptr<scalar_t>(), *kc = k_cache.data_ptr<scalar_t>(),
              *vc = v_cache.data_ptr<scalar_t>();
-    for (int64_t r = 0; r < t; ++r) {
-      TORCH_CHECK(slot[r] >= 0 && slot[r] < k_cache.size(1), "slot out of range");
+    for_rows(t, [&](int64_t r) {
+      thread_local std::vector<float> scratch;  // a head's row, then its rotation
+      scratch.resize(2 * d);
+      float *row = scratch.data(), *rot = row + d;
       for (int64_t j = 0; j < n_qk + n_kv_heads; ++j) {
-        load(src + (r * (n_qk + n_kv_heads) + j) * d, row.data(), d);
+        load(src + (r * (n_qk + n_kv_heads) + j) * d, row, d);
         if (j >= n_qk) {  // V goes to the cache as it is
-          store(row.data(), vc + (j - n_qk) * hs + slot[r] * ss, d);
+          store(row, vc + (j - n_qk) * hs + slot[r] * ss, d);
           continue;
         }
-        if (qk_w != nullptr) rms_norm(row.data(), qk_w + j * d, qk_norm_eps * d, d);
-        rope(row.data(), cs + r * d, sn + r * d, rot.data(), d, interleaved);
+        if (qk_w != nullptr) rms_norm(row, qk_w + j * d, qk_norm_eps * d, d);
+        rope(row, cs + r * d, sn + r * d, rot, d, interleaved);
         scalar_t* dst =
             j < n_heads ? qp + (r * n_heads + j) * d : kc + (j - n_heads) * hs + slot[r] * ss;
-        store(rot.data(), dst, d);
+        store(rot, dst, d);
       }
-    }
+    });
   });
   return q;
 }
@@ -129,15 +142,16 @@ Tensor block_finish(const Tensor& x, const Tensor& attn, const Terms& o,
   // everything between the matrix products is float32, as the products take and give
   Tensor y = linear(attn.reshape({t, -1}).to(at::kFloat).contiguous(), o);
   Tensor h = at::empty_like(x), normed = at::empty_like(x);
-  const float *pa = opt_ptr(post_attn_w), *pf = opt_ptr(post_ffn_w);
-  for (int64_t r = 0; r < t; ++r) {
-    float* yr = y.data_ptr<float>() + r * hidden;
+  const float *pa = opt_ptr(post_attn_w), *pf = opt_ptr(post_ffn_w), *fw = ffn_w.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  float *yp = y.data_ptr<float>(), *hp = h.data_ptr<float>(), *np = normed.data_ptr<float>();
+  for_rows(t, [&](int64_t r) {
+    float *yr = yp + r * hidden, *hr = hp + r * hidden, *nr = np + r * hidden;
     if (pa != nullptr) rms_norm(yr, pa, post_attn_eps * hidden, hidden);
-    float *hr = h.data_ptr<float>() + r * hidden, *nr = normed.data_ptr<float>() + r * hidden;
-    const float* xr = x.data_ptr<float>() + r * hidden;
+    const float* xr = xp + r * hidden;
     for (int64_t i = 0; i < hidden; ++i) hr[i] = nr[i] = xr[i] + yr[i];
-    rms_norm(nr, ffn_w.data_ptr<float>(), ffn_eps * hidden, hidden);
-  }
+    rms_norm(nr, fw, ffn_eps * hidden, hidden);
+  });
   Tensor gu = linear(normed, gate_up);  // [T, 2 * ffn]
   int64_t n = gu.size(1) / 2;
   // the gate, contiguous, for the activation to overwrite
@@ -146,18 +160,18 @@ Tensor block_finish(const Tensor& x, const Tensor& attn, const Terms& o,
   Tensor mixed = at::empty({t, n}, x.options());
   const float *up = gu.data_ptr<float>(), *act = g.data_ptr<float>();
   float* m = mixed.data_ptr<float>();
-  for (int64_t r = 0; r < t; ++r) {
+  for_rows(t, [&](int64_t r) {
     for (int64_t i = 0; i < n; ++i) m[r * n + i] = act[r * n + i] * up[r * 2 * n + n + i];
-  }
+  });
   Tensor dn = linear(mixed, down);
   Tensor out = at::empty_like(x);
-  for (int64_t r = 0; r < t; ++r) {
-    float* dr = dn.data_ptr<float>() + r * hidden;
+  float *dp = dn.data_ptr<float>(), *op = out.data_ptr<float>();
+  for_rows(t, [&](int64_t r) {
+    float *dr = dp + r * hidden, *outr = op + r * hidden;
     if (pf != nullptr) rms_norm(dr, pf, post_ffn_eps * hidden, hidden);
-    const float* hr = h.data_ptr<float>() + r * hidden;
-    float* outr = out.data_ptr<float>() + r * hidden;
+    const float* hr = hp + r * hidden;
     for (int64_t i = 0; i < hidden; ++i) outr[i] = hr[i] + dr[i];
-  }
+  });
   return out;
 }
 

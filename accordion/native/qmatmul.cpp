@@ -362,9 +362,10 @@ Tensor qmatmul(const Tensor& x, at::TensorList w, const std::optional<Tensor>& b
     quantize(x.data_ptr<float>(), m, k, act);
   }
   float* y = out.data_ptr<float>();
-  // many rows: AMX tiles where the CPU has them, matrix by matrix; the rest (few
-  // rows, or no AMX) through the vector code, all matrices in one parallel loop
+  // quantized matrices all in one parallel loop: on AMX tiles for many rows where the
+  // CPU has them, else through the vector code
   std::vector<Part> quantized;
+  std::vector<AmxPart> tiled;
   int64_t col = 0;
   for (const Tensor& part : w) {
     switch (part.scalar_type()) {
@@ -378,18 +379,17 @@ Tensor qmatmul(const Tensor& x, at::TensorList w, const std::optional<Tensor>& b
         run_float<at::BFloat16>(part, x.data_ptr<float>(), m, k, y + col, total);
         break;
       case at::kByte:
-        if (!use_amx ||
-            !amx_matmul(part.data_ptr<uint8_t>(), part.size(0), part.size(1) * part.size(2),
-                        part.size(2), act, m, y + col, total)) {
-          quantized.push_back({&part, col});
-        }
+        quantized.push_back({&part, col});
+        tiled.push_back({part.data_ptr<uint8_t>(), part.size(0), part.size(1) * part.size(2),
+                         part.size(2), col});
         break;
       default:
         TORCH_CHECK(false, "weights: float32, float16, bfloat16 or GGUF blocks (uint8)");
     }
     col += part.size(0);
   }
-  if (!quantized.empty()) run_quantized(quantized, act, m, y, total);
+  bool on_tiles = !tiled.empty() && use_amx && amx_matmul(tiled, act, m, y, total);
+  if (!quantized.empty() && !on_tiles) run_quantized(quantized, act, m, y, total);
   if (bias.has_value()) out.add_(*bias);
   return out;
 }
