@@ -11,8 +11,9 @@ greedy 16-token answers) through:
   (d) conversation mode, embedded.
 Each as requests/s, tokens/s (prompt + answer), prefix-cache hit rate and peak KV,
 with ratios to (a). Then the runner's own overhead: lines/s through the first pass,
-the checkpoint and the output with a target that answers at once, and the process's
-RSS growth over a job of --overhead-lines lines. Prints markdown, then one JSON line.
+the checkpoint and the output with a target that answers at once (and again with
+httpx's client in the way, answered by a mock transport), and the process's RSS
+growth over a job of --overhead-lines lines. Prints markdown, then one JSON line.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from accordion import batch  # noqa: E402
 from accordion.batch.job import Job, Settings  # noqa: E402
 from accordion.batch.lines import Defaults  # noqa: E402
 from accordion.batch.runner import Runner  # noqa: E402
-from accordion.batch.target import Target  # noqa: E402
+from accordion.batch.target import Reply, Target  # noqa: E402
 
 TOPICS = ["rivers", "bread", "owls", "glass", "tides", "maps", "bees", "clocks", "salt", "moss"]
 
@@ -142,9 +143,21 @@ ANSWER = {
 }
 
 
-def overhead(folder: Path, lines: int) -> dict[str, Any]:
-    """A job through a target that answers at once: the runner is all that is left."""
-    inp = folder / "noop.jsonl"
+class NoopTarget(Target):
+    """Answers every request at once, without an HTTP client."""
+
+    async def post(self, url: str, body: dict[str, Any]) -> Reply:
+        return Reply(200, ANSWER, "batch_req_noop")
+
+    async def get(self, path: str) -> Any | None:
+        return None
+
+
+def overhead(folder: Path, lines: int, http: bool) -> dict[str, Any]:
+    """A job through a target that answers at once: the runner is all that is left, or
+    (`http`) the runner and httpx's client, through a transport that answers at once."""
+    name = "http" if http else "noop"
+    inp = folder / f"{name}.jsonl"
     write_input(inp, lines)
 
     def answer(request: httpx.Request) -> httpx.Response:
@@ -155,18 +168,19 @@ def overhead(folder: Path, lines: int) -> dict[str, Any]:
     client = httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://noop")
     settings = Settings(
         str(inp),
-        str(folder / "noop.out.jsonl"),
-        str(folder / "noop.errors.jsonl"),
+        str(folder / f"{name}.out.jsonl"),
+        str(folder / f"{name}.errors.jsonl"),
         Defaults(model="noop"),
         max_inflight=64,
     )
     rss = psutil.Process().memory_info().rss
-    j = Job(folder / "noop-job")
+    j = Job(folder / f"{name}-job")
     j.lock()
     start = time.perf_counter()
     scan = j.prepare(settings)
     checked = time.perf_counter()
-    progress = asyncio.run(Runner(j, settings, scan, Target(client)).run())
+    target = Target(client) if http else NoopTarget(client)
+    progress = asyncio.run(Runner(j, settings, scan, target).run())
     end = time.perf_counter()
     j.close()
     assert progress.state == "finished" and progress.done == lines, progress
@@ -235,7 +249,8 @@ def main() -> None:
             )
         )
         print(f"  {rows[-1]['name']}: {rows[-1]['seconds']} s", file=sys.stderr)
-        cost = overhead(folder, args.overhead_lines)
+        cost = overhead(folder, args.overhead_lines, http=False)
+        cost_http = overhead(folder, args.overhead_lines, http=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     base = rows[0]
@@ -252,12 +267,16 @@ def main() -> None:
             f" | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {100 * r['hit_rate']:.1f}%"
             f" | {r['peak_kv_mib']} |"
         )
-    print(
-        f"\nrunner alone, {cost['lines']:,} lines through a target that answers at once:"
-        f" {cost['lines_per_s']:,} lines/s (first pass {cost['first_pass_lines_per_s']:,},"
-        f" run {cost['run_lines_per_s']:,}); RSS growth {cost['rss_growth_mib']} MiB"
-    )
-    print(json.dumps({"rows": rows, "overhead": cost}))
+    for what, c in (
+        ("a target that answers at once", cost),
+        ("httpx, answered at once", cost_http),
+    ):
+        print(
+            f"\nrunner alone, {c['lines']:,} lines through {what}:"
+            f" {c['lines_per_s']:,} lines/s (first pass {c['first_pass_lines_per_s']:,},"
+            f" run {c['run_lines_per_s']:,}); RSS growth {c['rss_growth_mib']} MiB"
+        )
+    print(json.dumps({"rows": rows, "overhead": cost, "overhead_http": cost_http}))
 
 
 if __name__ == "__main__":
