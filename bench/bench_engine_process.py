@@ -14,12 +14,14 @@ Side by side in one run, greedy with `ignore_eos` so every answer has its length
   RSS after a short request: the server's process, and the engine process;
   restart: SIGKILL of the engine process during 4 streams, the time from the kill to the
     first chunk after it, and whether the streams end as undisturbed ones do.
-Best of --rounds for rates. Prints markdown, then one JSON line.
+Single streams: best of --rounds, the four taken in turn each round. Prints markdown,
+then one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +48,12 @@ from accordion import LLM, SamplingParams  # noqa: E402
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
 
 
-def in_process(model: str, tokens: int, rounds: int) -> float:
-    with LLM(model) as llm:
-        ids = llm.encode_chat([{"role": "user", "content": PROMPT}])
-        params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-        best = 0.0
-        for _ in range(rounds):
-            out = llm.submit(ids, params).result()
-            best = max(best, (len(out.token_ids) - 1) / out.timings["decode"])
-    return best
+def in_process(llm: LLM, tokens: int) -> float:
+    """One sequence's decode rate, from its own timings."""
+    ids = llm.encode_chat([{"role": "user", "content": PROMPT}])
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    out = llm.submit(ids, params).result()
+    return (len(out.token_ids) - 1) / out.timings["decode"]
 
 
 def stream(url: str, model: str, tokens: int, prompt: str = PROMPT) -> dict[str, Any]:
@@ -72,42 +72,34 @@ def stream(url: str, model: str, tokens: int, prompt: str = PROMPT) -> dict[str,
     return {"start": start, "stamps": stamps, "text": "".join(text)}
 
 
-def llama_server(model: str, tokens: int, rounds: int, n: int) -> dict[str, float] | None:
-    """llama.cpp's server on the same file through its own route: one streamed completion
-    (best of `rounds`) on one slot, then `n` clients at once on `n` slots (-np n, each
-    slot with the context the single run had)."""
+@contextlib.contextmanager
+def llama_server(model: str, slots: int) -> Iterator[str | None]:
+    """llama.cpp's server on the same file with `slots` slots (each with the context one
+    slot has), its URL; None where ../shared/peers has no build."""
     binary = Path(__file__).resolve().parents[2] / "shared/peers/llama.cpp/llama-server"
     if not binary.exists():
-        return None
+        yield None
+        return
     from accordion.loader.bundled import resolve_model_path
 
-    out: dict[str, float] = {}
-    for slots in (1, n):
-        port = free_port()
-        args = [str(binary), "-m", str(resolve_model_path(model)), "-a", model, "--host"]
-        args += ["127.0.0.1", "--port", str(port), "-t", "2", "-c", str(8192 * slots)]
-        args += ["-np", str(slots)]
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(600):
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.1)
-            if slots == 1:
-                runs = [peer_stream(url, tokens)["stamps"] for _ in range(rounds)]
-                out["single"] = max((len(s) - 1) / (s[-1] - s[0]) for s in runs)
-            else:
-                prompts = [f"{PROMPT} ({i})" for i in range(n)]
-                answer = functools.partial(peer_stream, url, tokens // 2)
-                out["aggregate"], out["ttft"] = at_once(answer, prompts)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    return out
+    port = free_port()
+    args = [str(binary), "-m", str(resolve_model_path(model)), "-a", model, "--host"]
+    args += ["127.0.0.1", "--port", str(port), "-t", "2", "-c", str(8192 * slots)]
+    args += ["-np", str(slots)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def peer_stream(url: str, tokens: int, prompt: str = PROMPT) -> dict[str, Any]:
@@ -121,12 +113,9 @@ def peer_stream(url: str, tokens: int, prompt: str = PROMPT) -> dict[str, Any]:
     return {"start": start, "stamps": stamps}
 
 
-def single(url: str, model: str, tokens: int, rounds: int) -> float:
-    best = 0.0
-    for _ in range(rounds):
-        s = stream(url, model, tokens)["stamps"]
-        best = max(best, (len(s) - 1) / (s[-1] - s[0]))
-    return best
+def rate(stamps: list[float]) -> float:
+    """Tokens after the first over the time from the first chunk to the last."""
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
 def clients(url: str, model: str, tokens: int, n: int) -> tuple[float, float]:
@@ -184,26 +173,48 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     args = ap.parse_args()
     print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
-    out: dict[str, Any] = {"in_process": in_process(args.model, args.tokens, args.rounds)}
-    out["llama_server"] = llama_server(args.model, args.tokens, args.rounds, args.clients)
     one, two = {"ACCORDION_ENGINE_PROCESS": "0"}, {"ACCORDION_ENGINE_PROCESS": "1"}
-    for name, env in (("main_thread", one), ("engine_process", two)):
-        server = LiveServer(Path(tempfile.mkdtemp()), env=env)
-        try:
+    envs = {"main_thread": one, "engine_process": two}
+    servers = {name: LiveServer(Path(tempfile.mkdtemp()), env=env) for name, env in envs.items()}
+    out: dict[str, Any] = {name: {} for name in servers}
+    try:
+        for server in servers.values():
             stream(server.url, args.model, 8)  # load it
-            time.sleep(3)  # the KV cache shrinks back after 2 s idle
+        time.sleep(3)  # the KV cache shrinks back after 2 s idle
+        for name, server in servers.items():
             rss = {"front": psutil.Process(server.proc.pid).memory_info().rss}
             engine = httpx.get(server.url + "/api/ps").json().get("engine_process")
             if engine:
                 rss["engine"] = psutil.Process(engine["pid"]).memory_info().rss
-            rate = single(server.url, args.model, args.tokens, args.rounds)
+            out[name]["rss"] = rss
+        # single streams, the four in turn each round: the host's drift (10-15% over
+        # minutes here) falls on all of them alike
+        best = {"in_process": 0.0, "llama_server": 0.0, **{name: 0.0 for name in servers}}
+        with LLM(args.model) as llm, llama_server(args.model, 1) as peer:
+            for _ in range(args.rounds):
+                best["in_process"] = max(best["in_process"], in_process(llm, args.tokens))
+                if peer:
+                    stamps = peer_stream(peer, args.tokens)["stamps"]
+                    best["llama_server"] = max(best["llama_server"], rate(stamps))
+                for name, server in servers.items():
+                    stamps = stream(server.url, args.model, args.tokens)["stamps"]
+                    best[name] = max(best[name], rate(stamps))
+        out["in_process"] = best["in_process"]
+        out["llama_server"] = {"single": best["llama_server"]} if peer else None
+        for name, server in servers.items():
             aggregate, ttft = clients(server.url, args.model, args.tokens // 2, args.clients)
-            out[name] = {"single": rate, "aggregate": aggregate, "ttft": ttft, "rss": rss}
-            if env is two:
-                out["restart"] = restart(server.url, args.model, args.tokens // 2)
-        finally:
+            out[name].update(single=best[name], aggregate=aggregate, ttft=ttft)
+            print(f"  {name}: {out[name]}", file=sys.stderr)
+        out["restart"] = restart(servers["engine_process"].url, args.model, args.tokens // 2)
+    finally:
+        for server in servers.values():
             server.stop()
-        print(f"  {name}: {out[name]}", file=sys.stderr)
+    with llama_server(args.model, args.clients) as peer:
+        if peer:
+            prompts = [f"{PROMPT} ({i})" for i in range(args.clients)]
+            answer = functools.partial(peer_stream, peer, args.tokens // 2)
+            aggregate, ttft = at_once(answer, prompts)
+            out["llama_server"].update(aggregate=aggregate, ttft=ttft)
     base = out["in_process"]
     print(f"{args.model}, {args.tokens} tokens, best of {args.rounds}\n")
     print("| | single-stream decode tok/s | vs in process | 8 clients tok/s | mean TTFT s |")
