@@ -135,16 +135,33 @@ inline void transpose16(__m512i* v) {
   }
 }
 
-// Products of many activation rows on AMX (qmatmul_amx.cpp), every part's groups in
-// one parallel loop: false where the CPU or the kernel lacks AMX, or where `m` rows
-// are too few to pay for the tiles.
-struct AmxPart {
+// One quantized matrix of a product whose matrices sit side by side (Q, K and V;
+// gate and up)
+struct Part {
   const uint8_t* w;
   int64_t n, row_bytes, block_bytes;  // rows, bytes a row, bytes a block (the type)
   int64_t col;                        // its first output column
 };
-bool amx_matmul(const std::vector<AmxPart>& parts, const Act& a, int64_t m, float* out,
-                int64_t ldy);
+
+// fn(scratch, part, g) for group g (16 rows) of each part: every part's groups in one
+// parallel loop, one fork and join for all, each thread with its own Scratch
+template <class Scratch, class Fn>
+void for_groups(const std::vector<Part>& parts, Fn fn) {
+  std::vector<int64_t> first{0};  // part i owns groups [first[i], first[i + 1])
+  for (const Part& p : parts) first.push_back(first.back() + (p.n + 15) / 16);
+  at::parallel_for(0, first.back(), 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch;
+    size_t i = 0;
+    for (int64_t g = begin; g < end; ++g) {
+      while (g >= first[i + 1]) ++i;
+      fn(scratch, parts[i], g - first[i]);
+    }
+  });
+}
+
+// Products of many activation rows on AMX (qmatmul_amx.cpp): false where the CPU
+// or the kernel lacks AMX, or where `m` rows are too few to pay for the tiles.
+bool amx_matmul(const std::vector<Part>& parts, const Act& a, int64_t m, float* out, int64_t ldy);
 bool amx_available();
 
 }  // namespace accordion_native

@@ -287,29 +287,19 @@ void run_group(const uint8_t* base, int64_t n, int64_t row_bytes, const Act& a, 
   }
 }
 
-// Quantized matrices side by side (Q, K and V; gate and up): their groups of 16
-// output columns in one parallel loop, one fork and join for all.
-struct Part {
-  const Tensor* w;
-  int64_t col;  // its first output column
+// What a thread keeps between its groups of 16 rows
+struct GroupScratch {
+  Panel panel;
+  Staged staged;  // ~12 KiB of the thread's stack
 };
 
 void run_quantized(const std::vector<Part>& parts, const Act& a, int64_t m, float* out,
                    int64_t ldy) {
-  std::vector<int64_t> first{0};  // part i owns groups [first[i], first[i + 1])
-  for (const Part& p : parts) first.push_back(first.back() + (p.w->size(0) + 15) / 16);
-  at::parallel_for(0, first.back(), 1, [&](int64_t begin, int64_t end) {
-    Panel panel;
-    Staged staged;  // ~12 KiB of the thread's stack
-    size_t i = 0;
-    for (int64_t g = begin; g < end; ++g) {
-      while (g >= first[i + 1]) ++i;
-      const Tensor& w = *parts[i].w;
-      with_type(w.size(2), [&](auto type) {
-        run_group<decltype(type)>(w.data_ptr<uint8_t>(), w.size(0), w.size(1) * w.size(2), a, m,
-                                  out + parts[i].col, ldy, g - first[i], panel, staged);
-      });
-    }
+  for_groups<GroupScratch>(parts, [&](GroupScratch& sc, const Part& p, int64_t g) {
+    with_type(p.block_bytes, [&](auto type) {
+      run_group<decltype(type)>(p.w, p.n, p.row_bytes, a, m, out + p.col, ldy, g, sc.panel,
+                                sc.staged);
+    });
   });
 }
 
@@ -365,7 +355,6 @@ Tensor qmatmul(const Tensor& x, at::TensorList w, const std::optional<Tensor>& b
   // quantized matrices all in one parallel loop: on AMX tiles for many rows where the
   // CPU has them, else through the vector code
   std::vector<Part> quantized;
-  std::vector<AmxPart> tiled;
   int64_t col = 0;
   for (const Tensor& part : w) {
     switch (part.scalar_type()) {
@@ -379,17 +368,17 @@ Tensor qmatmul(const Tensor& x, at::TensorList w, const std::optional<Tensor>& b
         run_float<at::BFloat16>(part, x.data_ptr<float>(), m, k, y + col, total);
         break;
       case at::kByte:
-        quantized.push_back({&part, col});
-        tiled.push_back({part.data_ptr<uint8_t>(), part.size(0), part.size(1) * part.size(2),
-                         part.size(2), col});
+        quantized.push_back({part.data_ptr<uint8_t>(), part.size(0), part.size(1) * part.size(2),
+                             part.size(2), col});
         break;
       default:
         TORCH_CHECK(false, "weights: float32, float16, bfloat16 or GGUF blocks (uint8)");
     }
     col += part.size(0);
   }
-  bool on_tiles = !tiled.empty() && use_amx && amx_matmul(tiled, act, m, y, total);
-  if (!quantized.empty() && !on_tiles) run_quantized(quantized, act, m, y, total);
+  if (!quantized.empty() && !(use_amx && amx_matmul(quantized, act, m, y, total))) {
+    run_quantized(quantized, act, m, y, total);
+  }
   if (bias.has_value()) out.add_(*bias);
   return out;
 }

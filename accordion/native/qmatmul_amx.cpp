@@ -110,11 +110,13 @@ void decode_rows(const uint8_t* base, int64_t row_bytes, int rows, int64_t block
   }
 }
 
-// What a thread keeps between its groups: decoded weights and the tiles' sums
+// What a thread keeps between its groups: decoded weights and the tiles' sums; the
+// thread's tile state goes with it
 struct GroupScratch {
   std::vector<uint8_t> q;
   std::vector<float> wscale, wmin;
   alignas(64) int32_t high[2][16][16], low[2][16][16];  // step s in buffer s % 2
+  ~GroupScratch() { _tile_release(); }
 };
 
 // Output columns 16g..16g+15 of one matrix for every activation row
@@ -128,11 +130,7 @@ void amx_group(const uint8_t* base, int64_t n, int64_t row_bytes, const TileAct&
   cfg.rows[4] = 16, cfg.colsb[4] = BYTES;  // weights: 16 rows of one (half) block
   for (int i = 5; i < 7; ++i) cfg.rows[i] = QUADS, cfg.colsb[i] = 64;  // digits h, l
   _tile_loadconfig(&cfg);
-  std::vector<uint8_t>& q = sc.q;
-  std::vector<float>& wscale = sc.wscale;
-  std::vector<float>& wmin = sc.wmin;
-  auto& high = sc.high;
-  auto& low = sc.low;
+  auto& [q, wscale, wmin, high, low] = sc;
   int64_t n0 = 16 * g;
   int cols = static_cast<int>(std::min<int64_t>(16, n - n0));
   decode_rows<T>(base + n0 * row_bytes, row_bytes, cols, blocks, q, wscale, wmin);
@@ -218,25 +216,15 @@ bool amx_available() {
 #endif
 }
 
-bool amx_matmul(const std::vector<AmxPart>& parts, const Act& a, int64_t m, float* out,
-                int64_t ldy) {
+bool amx_matmul(const std::vector<Part>& parts, const Act& a, int64_t m, float* out, int64_t ldy) {
 #ifdef __AMX_INT8__
   if (m < AMX_MIN_ROWS || !amx_permitted()) return false;
   TileAct t;  // once for all the parts
   tile_activations(a, m, t);
-  std::vector<int64_t> first{0};  // part i owns groups [first[i], first[i + 1])
-  for (const AmxPart& p : parts) first.push_back(first.back() + (p.n + 15) / 16);
-  at::parallel_for(0, first.back(), 1, [&](int64_t begin, int64_t end) {
-    GroupScratch sc;
-    size_t i = 0;
-    for (int64_t g = begin; g < end; ++g) {
-      while (g >= first[i + 1]) ++i;
-      const AmxPart& p = parts[i];
-      with_type(p.block_bytes, [&](auto type) {
-        amx_group<decltype(type)>(p.w, p.n, p.row_bytes, t, m, out + p.col, ldy, g - first[i], sc);
-      });
-    }
-    _tile_release();
+  for_groups<GroupScratch>(parts, [&](GroupScratch& sc, const Part& p, int64_t g) {
+    with_type(p.block_bytes, [&](auto type) {
+      amx_group<decltype(type)>(p.w, p.n, p.row_bytes, t, m, out + p.col, ldy, g, sc);
+    });
   });
   return true;
 #else
