@@ -150,7 +150,7 @@ def attend(
     `native`: every token goes to native/attention.cpp, decode or prefill, which
     computes each alone, so a token's numbers depend neither on its batch nor on
     how its prompt was cut in chunks."""
-    if native and kernel_fits(q, k_cache):
+    if native and kernel_fits(q.shape[-1], q.shape[1], k_cache.shape[0]):
         return attend_paged(q, k_cache, v_cache, paged_plan(batch, window), scale)
     if len(batch.seqs) == 1:  # one sequence: its output is the whole output, no copy
         return _attend_one(q, k_cache, v_cache, batch, 0, scale, window).transpose(0, 1)

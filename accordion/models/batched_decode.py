@@ -105,14 +105,10 @@ def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return out
 
 
-KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
-
-
-def kernel_fits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+def kernel_fits(head_dim: int, heads: int, kv_heads: int) -> bool:
     """What native/attention.cpp handles: head_dim 16, 32, 64, 128 or 256 and at most
     16 query heads per kv head."""
-    d, group = q.shape[-1], q.shape[1] // k_cache.shape[0]
-    return d in KERNEL_HEAD_DIMS and group <= 16
+    return head_dim in (16, 32, 64, 128, 256) and heads // kv_heads <= 16
 
 
 def attend_paged(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from accordion import native
-from accordion.models.batched_decode import KERNEL_HEAD_DIMS, paged_plan
+from accordion.models.batched_decode import kernel_fits, paged_plan
 
 if TYPE_CHECKING:
     from accordion.models.decoder import Decoder, ForwardBatch, PagedKV
@@ -38,12 +38,10 @@ class NativeStack:
         """Whether every block runs natively and the paged kernel takes the heads
         (else the loop runs, as attention.attend decides per call)."""
         cfg = decoder.cfg
-        group = cfg.n_heads // cfg.n_kv_heads
         return (
             native.available()
             and all(b.native for b in decoder.blocks)
-            and cfg.head_dim in KERNEL_HEAD_DIMS
-            and group <= 16
+            and kernel_fits(cfg.head_dim, cfg.n_heads, cfg.n_kv_heads)
         )
 
     def run(
