@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,13 +118,10 @@ def rate(stamps: list[float]) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def clients(url: str, model: str, tokens: int, n: int) -> tuple[float, float]:
+def clients(fn: Callable[[str], dict[str, Any]], n: int) -> tuple[float, float]:
+    """n clients at once, each streaming its own prompt through fn(prompt): aggregate
+    tokens/s and mean TTFT."""
     prompts = [f"{PROMPT} ({i})" for i in range(n)]
-    return at_once(lambda p: stream(url, model, tokens, p), prompts)
-
-
-def at_once(fn: Any, prompts: list[str]) -> tuple[float, float]:
-    """Every prompt streamed at once through fn: aggregate tokens/s and mean TTFT."""
     results: list[dict[str, Any]] = [{} for _ in prompts]
 
     def one(i: int) -> None:
@@ -202,7 +199,8 @@ def main() -> None:
         out["in_process"] = best["in_process"]
         out["llama_server"] = {"single": best["llama_server"]} if peer else None
         for name, server in servers.items():
-            aggregate, ttft = clients(server.url, args.model, args.tokens // 2, args.clients)
+            answer = functools.partial(stream, server.url, args.model, args.tokens // 2)
+            aggregate, ttft = clients(answer, args.clients)
             out[name].update(single=best[name], aggregate=aggregate, ttft=ttft)
             print(f"  {name}: {out[name]}", file=sys.stderr)
         out["restart"] = restart(servers["engine_process"].url, args.model, args.tokens // 2)
@@ -211,9 +209,8 @@ def main() -> None:
             server.stop()
     with llama_server(args.model, args.clients) as peer:
         if peer:
-            prompts = [f"{PROMPT} ({i})" for i in range(args.clients)]
             answer = functools.partial(peer_stream, peer, args.tokens // 2)
-            aggregate, ttft = at_once(answer, prompts)
+            aggregate, ttft = clients(answer, args.clients)
             out["llama_server"].update(aggregate=aggregate, ttft=ttft)
     base = out["in_process"]
     print(f"{args.model}, {args.tokens} tokens, best of {args.rounds}\n")
