@@ -70,6 +70,9 @@ class Host:
             events: list[Event] = []
             for name, engine in list(self.engines.items()):
                 if engine.has_work():
+                    # a step changes the numbers even when it yields no event: a prefill
+                    # chunk grows the KV cache long before the first token
+                    self._changed = True
                     try:
                         events += engine.step()
                     except Exception as e:  # the model itself failed: its requests end
@@ -77,7 +80,6 @@ class Host:
                         engine.fail_all(e)
             if events:
                 self.conn.send(("events", [self._wire(event) for event in events]))
-                self._changed = True
             self._send_stats()
 
     # -- messages ----------------------------------------------------------------------
