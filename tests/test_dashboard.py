@@ -53,10 +53,13 @@ def allocated(sample: dict[str, Any]) -> int | None:
 
 
 def wait_floor(url: str, floor: int = 32, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
+    """The first sample taken from now on that shows the KV cache at its floor (an
+    older one may predate the request just made)."""
+    deadline, now = time.monotonic() + timeout, time.time()
     while True:
         latest = httpx.get(url + "/api/stats").json()
-        if allocated(latest) is not None and allocated(latest) <= floor:
+        fresh = latest["t"] is not None and latest["t"] >= now
+        if fresh and allocated(latest) is not None and allocated(latest) <= floor:
             return latest
         assert time.monotonic() < deadline, latest
         time.sleep(0.3)
