@@ -7,14 +7,17 @@ Side by side in one run, greedy with `ignore_eos` so every answer has its length
   in process: accordion.LLM, one sequence (its decode rate from the sequence's timings);
   server: `accordion serve`, one streamed /api/generate (tokens after the first over the
     time from the first chunk to the last, as the client sees them), with the engines
-    on the server's main thread, and with --engine-process;
+    on the server's main thread, and with --engine-process; each read by two clients:
+    httpx parsing every line (what the ollama and openai Python clients do), and a bare
+    socket that only stamps each chunk. On two cores the client's own CPU competes with
+    the engine's threads: the bare client shows the server's cost alone;
   8 clients at once on each server: aggregate tokens/s and mean time to first token;
   llama.cpp's llama-server on the same file (../shared/peers): one streamed completion on
-    one slot, and the same 8 clients on 8 slots;
+    one slot (by both clients), and the same 8 clients on 8 slots;
   RSS after a short request: the server's process, and the engine process;
   restart: SIGKILL of the engine process during 4 streams, the time from the kill to the
     first chunk after it, and whether the streams end as undisturbed ones do.
-Single streams: best of --rounds, the four taken in turn each round. Prints markdown,
+Single streams: best of --rounds, all of them taken in turn each round. Prints markdown,
 then one JSON line.
 """
 
@@ -26,6 +29,7 @@ import functools
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -113,6 +117,40 @@ def peer_stream(url: str, tokens: int, prompt: str = PROMPT) -> dict[str, Any]:
     return {"start": start, "stamps": stamps}
 
 
+def raw_stream(url: str, path: str, body: dict[str, Any], marker: bytes) -> dict[str, Any]:
+    """The stream read by a client that does next to nothing: a socket, each line that
+    holds `marker` (one per token chunk) stamped when its bytes arrive, nothing parsed."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    )
+    start, stamps, rest = time.perf_counter(), [], b""
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(head.encode() + payload)
+        while data := s.recv(1 << 16):
+            now = time.perf_counter()
+            *lines, rest = (rest + data).split(b"\n")
+            stamps += [now] * sum(marker in line for line in lines)
+    return {"start": start, "stamps": stamps}
+
+
+def raw_ours(url: str, model: str, tokens: int) -> dict[str, Any]:
+    body = {
+        "model": model,
+        "prompt": PROMPT,
+        "options": {"temperature": 0, "num_predict": tokens, "ignore_eos": True},
+    }
+    return raw_stream(url, "/api/generate", body, b'"done": false')
+
+
+def raw_peer(url: str, tokens: int) -> dict[str, Any]:
+    body = {"prompt": PROMPT, "n_predict": tokens, "stream": True, "temperature": 0}
+    body["ignore_eos"] = True
+    return raw_stream(url, "/completion", body, b'"stop":false')
+
+
 def rate(stamps: list[float]) -> float:
     """Tokens after the first over the time from the first chunk to the last."""
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
@@ -184,18 +222,23 @@ def main() -> None:
             if engine:
                 rss["engine"] = psutil.Process(engine["pid"]).memory_info().rss
             out[name]["rss"] = rss
-        # single streams, the four in turn each round: the host's drift (10-15% over
+        # single streams, all in turn each round: the host's drift (10-15% over
         # minutes here) falls on all of them alike
-        best = {"in_process": 0.0, "llama_server": 0.0, **{name: 0.0 for name in servers}}
+        best: dict[str, Any] = {"in_process": 0.0}
+        best |= {name: {"httpx": 0.0, "raw": 0.0} for name in ("llama_server", *servers)}
+
+        def take(name: str, client: str, stamps: list[float]) -> None:
+            best[name][client] = max(best[name][client], rate(stamps))
+
         with LLM(args.model) as llm, llama_server(args.model, 1) as peer:
             for _ in range(args.rounds):
                 best["in_process"] = max(best["in_process"], in_process(llm, args.tokens))
                 if peer:
-                    stamps = peer_stream(peer, args.tokens)["stamps"]
-                    best["llama_server"] = max(best["llama_server"], rate(stamps))
+                    take("llama_server", "httpx", peer_stream(peer, args.tokens)["stamps"])
+                    take("llama_server", "raw", raw_peer(peer, args.tokens)["stamps"])
                 for name, server in servers.items():
-                    stamps = stream(server.url, args.model, args.tokens)["stamps"]
-                    best[name] = max(best[name], rate(stamps))
+                    take(name, "httpx", stream(server.url, args.model, args.tokens)["stamps"])
+                    take(name, "raw", raw_ours(server.url, args.model, args.tokens)["stamps"])
         out["in_process"] = best["in_process"]
         out["llama_server"] = {"single": best["llama_server"]} if peer else None
         for name, server in servers.items():
@@ -214,27 +257,33 @@ def main() -> None:
             out["llama_server"].update(aggregate=aggregate, ttft=ttft)
     base = out["in_process"]
     print(f"{args.model}, {args.tokens} tokens, best of {args.rounds}\n")
-    print("| | single-stream decode tok/s | vs in process | 8 clients tok/s | mean TTFT s |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| in process (LLM) | {base:.1f} | 1.00x | | |")
-    peer = out["llama_server"]
-    if peer:
+    print(
+        "| | single stream, httpx client tok/s | vs in process | bare client tok/s"
+        " | vs in process | 8 clients tok/s | mean TTFT s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| in process (LLM) | {base:.1f} | 1.00x | | | | |")
+
+    def line(label: str, r: dict[str, Any]) -> None:
+        one, raw = r["single"]["httpx"], r["single"]["raw"]
         print(
-            f"| llama-server, same file, 2 threads (-np 1; -np {args.clients} for the clients)"
-            f" | {peer['single']:.1f} | {peer['single'] / base:.2f}x | {peer['aggregate']:.1f}"
-            f" | {peer['ttft']:.3f} |"
-        )
-    for name in ("main_thread", "engine_process"):
-        r = out[name]
-        print(
-            f"| server, {name.replace('_', ' ')} | {r['single']:.1f} | {r['single'] / base:.2f}x"
+            f"| {label} | {one:.1f} | {one / base:.2f}x | {raw:.1f} | {raw / base:.2f}x"
             f" | {r['aggregate']:.1f} | {r['ttft']:.3f} |"
         )
+
+    peer = out["llama_server"]
+    if peer:
+        line(
+            f"llama-server, same file, 2 threads (-np 1; -np {args.clients} for the clients)", peer
+        )
+    for name in ("main_thread", "engine_process"):
+        line(f"server, {name.replace('_', ' ')}", out[name])
     if peer:
         r = out["engine_process"]
         print(
             "\nserve (engine process) / llama-server:"
-            f" single stream {r['single'] / peer['single']:.2f}x,"
+            f" single stream {r['single']['httpx'] / peer['single']['httpx']:.2f}x (httpx),"
+            f" {r['single']['raw'] / peer['single']['raw']:.2f}x (bare),"
             f" {args.clients} clients {r['aggregate'] / peer['aggregate']:.2f}x,"
             f" mean TTFT {r['ttft'] / peer['ttft']:.2f}x"
         )
