@@ -15,7 +15,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <map>
+#include <memory>
+#include <unordered_map>
 #include <vector>
 
 #include "activations.h"
@@ -40,6 +41,17 @@ inline f16v load(const c10::BFloat16* p) {  // bf16 is the top half of a float32
   std::memcpy(&h, p, sizeof h);
   i16v wide = __builtin_convertvector(h, i16v) << 16;
   return reinterpret_cast<f16v&>(wide);
+}
+
+inline void store(float* p, f16v v) { std::memcpy(p, &v, sizeof v); }
+
+inline void store(c10::BFloat16* p, f16v v) {  // rounded to nearest even, as c10::BFloat16 does
+  typedef uint32_t u16v __attribute__((vector_size(64)));
+  u16v u = reinterpret_cast<u16v&>(v);
+  u16v bits = (u + (((u >> 16) & 1) + 0x7FFFu)) >> 16;
+  bits = (v != v) ? u16v{} + 0x7FC0u : bits;  // NaN
+  h16v h = __builtin_convertvector(bits, h16v);
+  std::memcpy(p, &h, sizeof h);
 }
 
 inline float sum(f16v v) {  // a tree of shuffles: four dependent adds, not fifteen
@@ -97,7 +109,9 @@ inline f16v reduce16(f16v* v) {
 }
 
 constexpr int64_t MAX_GROUP = 16;
-constexpr int64_t PART = 256;  // keys per task: a long context spreads over the threads
+constexpr int64_t MAX_C = 16;             // 16-float vectors in a head (256 dims)
+constexpr int64_t PART = 256;             // keys per task: a long context spreads over the threads
+constexpr size_t KEPT = size_t{1} << 20;  // floats of parts kept between calls (4 MiB)
 
 // The cache slots of the keys l in [lo, hi) of a sequence whose keys are the slot
 // ranges spans[0:n_spans] in order: slots[l - lo]. The kernels below prefetch rows
@@ -287,8 +301,8 @@ void attend_part(const T* const* qs, int64_t nq, const T* k, const T* v, const i
                  float* const* outs, Scratch& s) {
   constexpr int64_t d = C * W;
   int64_t hi = *std::max_element(his, his + nq), n = hi - lo, stride = (n + W - 1) / W * W;
-  int64_t pairs = nq * group;  // (member, head)
-  s.scores.assign(pairs * stride, 0.f);
+  int64_t pairs = nq * group;       // (member, head)
+  s.scores.resize(pairs * stride);  // every score below is written before it is read
   s.qv.resize(pairs * C);
   s.dots.resize(pairs * W);
   s.acc.assign(pairs * C, f16v{});
@@ -375,29 +389,53 @@ void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const 
     int64_t part;
   };
   std::vector<Task> tasks;
-  std::map<std::vector<int64_t>, std::vector<size_t>> open;  // part's slots -> tasks with room
+  // A part is named by its index, its first key and the slot runs of its keys; parts of
+  // one name go together. Names are hashed, and a task's own name is kept to compare
+  // (two names with one hash make two tasks). Which queries share a task changes
+  // nothing in any query's numbers, only how often the threads load the keys.
+  std::vector<int64_t> names;                 // every task's name, one after another
+  std::vector<size_t> name_at{0};             // task t's name is names[name_at[t]:name_at[t + 1]]
+  std::unordered_map<uint64_t, size_t> open;  // a name's hash -> its last task
+  std::vector<int64_t> key;
   for (int64_t i = 0; i < b; ++i) {
     const int64_t *runs = span + 2 * range[4 * i], n_runs = range[4 * i + 1] - range[4 * i];
     int64_t total = 0;
     for (int64_t r = 0; r < n_runs; ++r) total += runs[2 * r + 1] - runs[2 * r];
     for (int64_t p = 0; p < first_part[i + 1] - first_part[i]; ++p) {
       int64_t lo = range[4 * i + 2] + p * PART, hi = std::min(total, lo + PART), base = 0;
-      std::vector<int64_t> key = {p, lo};  // then the slot runs of keys [lo, hi)
+      key.assign({p, lo});  // then the slot runs of keys [lo, hi)
       for (int64_t r = 0; r < n_runs && base < hi; ++r) {
         int64_t a = runs[2 * r], len = runs[2 * r + 1] - a;
         int64_t from = std::max(lo, base), to = std::min(hi, base + len);
         if (from < to) key.insert(key.end(), {a + from - base, a + to - base});
         base += len;
       }
-      std::vector<size_t>& room = open[key];
-      if (room.empty() || tasks[room.back()].members.size() == MAX_Q) {
-        room.push_back(tasks.size());
-        tasks.push_back({{}, p});
+      uint64_t hash = 1469598103934665603ull;  // FNV-1a over the name's numbers
+      for (int64_t x : key) hash = (hash ^ static_cast<uint64_t>(x)) * 1099511628211ull;
+      auto found = open.find(hash);
+      bool joins = false;
+      if (found != open.end()) {
+        size_t t = found->second;
+        joins = tasks[t].members.size() < MAX_Q &&
+                std::equal(key.begin(), key.end(), names.begin() + name_at[t],
+                           names.begin() + name_at[t + 1]);
       }
-      tasks[room.back()].members.push_back(i);
+      if (!joins) {
+        open[hash] = tasks.size();
+        tasks.push_back({{}, p});
+        names.insert(names.end(), key.begin(), key.end());
+        name_at.push_back(names.size());
+      }
+      tasks[open[hash]].members.push_back(i);
     }
   }
-  std::vector<float> parts(first_part[b] * kv_heads * per);
+  // Every number of it is written by its task before the merge reads it. Up to KEPT
+  // floats are kept between calls (fresh pages would fault in again at every layer);
+  // a long prefill's larger need is met for the call alone, so memory still follows use.
+  size_t need = first_part[b] * kv_heads * per;
+  thread_local std::unique_ptr<float[]> kept(new float[KEPT]);
+  std::unique_ptr<float[]> own(need > KEPT ? new float[need] : nullptr);
+  float* parts = need > KEPT ? own.get() : kept.get();
   PartFn<T> fn = part_fn<T>(d);
   auto run_task = [&](int64_t t, Scratch& scratch) {
     const Task& task = tasks[t / kv_heads];
@@ -410,7 +448,7 @@ void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const 
     for (int64_t i : task.members) {
       qs[nq] = q + (i * heads + g * group) * d;
       his[nq] = std::min(range[4 * i + 3], lo + PART);
-      outs[nq] = parts.data() + ((first_part[i] + task.part) * kv_heads + g) * per;
+      outs[nq] = parts + ((first_part[i] + task.part) * kv_heads + g) * per;
       ++nq;
     }
     fn(qs, nq, k + g * hs, v + g * hs, span + 2 * range[4 * i0], range[4 * i0 + 1] - range[4 * i0],
@@ -436,24 +474,23 @@ void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const 
     for (int64_t t; (t = next.fetch_add(1)) < n_tasks;) run_task(order[t], scratch);
   });
   at::parallel_for(0, b, 32, [&](int64_t begin, int64_t end) {  // each query's parts merge
-    std::vector<float> o(d);
+    f16v o[MAX_C];
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t h = 0; h < heads; ++h) {
-        int64_t g = h / group, j = h % group;
-        auto at = [&](int64_t part) {
-          return parts.data() + (part * kv_heads + g) * per + j * (d + 2);
-        };
+        int64_t g = h / group, j = h % group, c16 = d / W;
+        auto at = [&](int64_t part) { return parts + (part * kv_heads + g) * per + j * (d + 2); };
         float top = -INFINITY, total = 0.f;
         for (int64_t part = first_part[i]; part < first_part[i + 1]; ++part)
           top = std::max(top, at(part)[0]);
-        std::fill(o.begin(), o.end(), 0.f);
+        for (int64_t c = 0; c < c16; ++c) o[c] = f16v{};
         for (int64_t part = first_part[i]; part < first_part[i + 1]; ++part) {
           const float* p = at(part);
           float w = std::exp(p[0] - top);
-          total += w * p[1];
-          for (int64_t c = 0; c < d; ++c) o[c] += w * p[2 + c];
+          total += w * p[1];  // a product, then a sum: two roundings, not an fma
+          for (int64_t c = 0; c < c16; ++c) o[c] += splat(w) * load(p + 2 + c * W);
         }
-        for (int64_t c = 0; c < d; ++c) out[(i * heads + h) * d + c] = static_cast<T>(o[c] / total);
+        T* row = out + (i * heads + h) * d;
+        for (int64_t c = 0; c < c16; ++c) store(row + c * W, o[c] / total);
       }
     }
   });
