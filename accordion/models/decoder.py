@@ -69,7 +69,7 @@ class Block(torch.nn.Module):
         if w.post_attn_norm is not None and w.post_ffn_norm is not None:
             self.post_attn_norm = RMSNorm(w.post_attn_norm, eps)
             self.post_ffn_norm = RMSNorm(w.post_ffn_norm, eps)
-        self.use_native(True)
+        self.native = False  # the decoder switches its blocks on (Decoder.use_native)
 
     def forward(
         self,
