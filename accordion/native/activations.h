@@ -159,6 +159,13 @@ void for_groups(const std::vector<Part>& parts, Fn fn) {
   });
 }
 
+// An AMX tile configuration (palette 1): rows and bytes a row of each tile register
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
 // Products of many activation rows on AMX (qmatmul_amx.cpp): false where the CPU
 // or the kernel lacks AMX, or where `m` rows are too few to pay for the tiles.
 bool amx_matmul(const std::vector<Part>& parts, const Act& a, int64_t m, float* out, int64_t ldy);

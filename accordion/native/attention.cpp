@@ -3,7 +3,8 @@
 // nothing gathered and one call per layer for the whole batch. A long context is cut in parts that
 // run on different threads and merge by their softmax maxima (as flash-decoding does). Written with
 // GCC's vector extensions (16 floats, an AVX-512 register where there is one) so the arithmetic is
-// vector code whatever the auto-vectorizer decides. head_dim must be 16, 32, 64, 128 or 256;
+// vector code whatever the auto-vectorizer decides; a bf16 cache's scores come from AMX tile
+// products where the CPU has AMX-BF16 (tile_scores). head_dim must be 16, 32, 64, 128 or 256;
 // models/batched_decode.py checks that and otherwise gathers and calls
 // scaled_dot_product_attention, the reference the tests compare against.
 #include <ATen/ATen.h>
@@ -16,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -140,7 +142,8 @@ inline void key_slots(const int64_t* spans, int64_t n_spans, int64_t lo, int64_t
 // by one fixed tree (reduce16's). Few (member, head) pairs take each key's 16 lane
 // sums and reduce 16 keys at once (scores_by_keys); many take a tile of 16 keys
 // transposed once for all of them, so lanes run across keys and the same tree is
-// plain vector adds (scores_by_tiles): the same bits either way. The output is
+// plain vector adds (scores_by_tiles): the same bits either way. (On a CPU with AMX-BF16
+// a bf16 cache's scores all come from tile_scores instead, alone or many.) The output is
 // sum over its own keys, in order, of fma(p, v, acc).
 constexpr int64_t MAX_Q = 16;
 constexpr int64_t TILED_PAIRS = 8;  // pairs from which a transposed tile pays for itself
@@ -150,6 +153,8 @@ struct Scratch {
   std::vector<float> scores;
   std::vector<int64_t> slots;
   std::vector<f16v> qv, dots, acc, rows;
+  std::vector<uint32_t> qt;                       // queries laid out for the tiles
+  const c10::BFloat16* qrows[MAX_Q * MAX_GROUP];  // each pair's query row
 };
 
 inline f16v fma(f16v a, f16v b, f16v c) {
@@ -240,6 +245,70 @@ void scores_by_tiles(const T* k, int64_t n, int64_t pairs, int64_t stride, Scrat
   }
 }
 
+#ifdef __AMX_BF16__
+// On CPUs with AMX-BF16 every score of a bf16 cache comes from tile products, for a
+// query alone as for a tile of 48: a 16-pair tile of queries (32 dims a row) times a
+// 16-key tile of keys (their 32-bit words, two dims each, transposed so rows run
+// over words), summed over the head's 32-dim chunks in order, then scaled. Which
+// pairs share a tile changes nothing in a pair's scores; every query on such a CPU
+// goes this way, so outputs stay a function of the request alone.
+template <int C>
+void tile_scores(const c10::BFloat16* k, int64_t n, int64_t pairs, int64_t stride, float scale,
+                 Scratch& s) {
+  constexpr int64_t d = C * W;
+  constexpr int H = (C + 1) / 2;          // chunks of 32 dims (a 16-dim head: one of 16)
+  constexpr int WORDS = C == 1 ? 8 : 16;  // 32-bit words of a chunk
+  int64_t tiles = (pairs + 15) / 16;
+  // the queries, [tile][chunk][16 pairs][WORDS words], zero past the last pair
+  s.qt.assign(tiles * H * 16 * WORDS, 0);
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(s.qrows[p]);
+    for (int h = 0; h < H; ++h)
+      std::memcpy(s.qt.data() + ((p / 16 * H + h) * 16 + p % 16) * WORDS, row + h * WORDS,
+                  WORDS * 4);
+  }
+  accordion_native::TileConfig cfg;
+  cfg.rows[0] = 16, cfg.colsb[0] = 64;         // scores: 16 pairs x 16 keys
+  cfg.rows[1] = 16, cfg.colsb[1] = WORDS * 4;  // queries
+  cfg.rows[2] = WORDS, cfg.colsb[2] = 64;      // keys: WORDS words x 16 keys
+  _tile_loadconfig(&cfg);
+  alignas(64) __m512i kt[H][16];  // kt[h][m] lane j: word m of chunk h of the tile's key j
+  for (int64_t t = 0; t * W < n; ++t) {
+    int64_t keys = std::min<int64_t>(W, n - t * W);
+    for (int h = 0; h < H; ++h) {
+      for (int64_t j = 0; j < W; ++j) {
+        const c10::BFloat16* row = k + s.slots[t * W + j] * d + 32 * h;
+        kt[h][j] =
+            j >= keys ? __m512i{}
+            : C == 1
+                ? _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)))
+                : _mm512_loadu_si512(row);
+      }
+      accordion_native::transpose16(kt[h]);
+    }
+    if ((t + 1) * W < n) {
+      for (int64_t j = (t + 1) * W; j < std::min(n, (t + 2) * W); ++j)
+        __builtin_prefetch(k + s.slots[j] * d);
+    }
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      _tile_zero(0);
+      for (int h = 0; h < H; ++h) {
+        _tile_loadd(1, s.qt.data() + (tile * H + h) * 16 * WORDS, WORDS * 4);
+        _tile_loadd(2, kt[h], 64);
+        _tile_dpbf16ps(0, 1, 2);
+      }
+      float* out = s.scores.data() + tile * 16 * stride + t * W;
+      _tile_stored(0, out, stride * 4);
+      for (int r = 0; r < 16; ++r) {
+        f16v x = load(out + r * stride) * scale;
+        std::memcpy(out + r * stride, &x, sizeof x);
+      }
+    }
+  }
+  _tile_release();
+}
+#endif
+
 // acc[p] = fma(p(l), v(l), acc[p]) over each pair's own keys l in order, 16 keys' rows
 // (as float) at a time. NP pairs share each row's loads and give the fma units eight
 // independent sums to overlap.
@@ -295,31 +364,47 @@ void weigh_values(const T* v, int64_t n, int64_t pairs, int64_t stride, const in
   }
 }
 
+// The scores of a bf16 cache on AMX (tile_scores), where the CPU has it: false where not
+template <typename T, int C>
+bool tile_scored(const T* const* qs, int64_t group, const T* k, int64_t n, int64_t pairs,
+                 int64_t stride, float scale, Scratch& s) {
+#ifdef __AMX_BF16__
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (accordion_native::amx_available()) {
+      for (int64_t p = 0; p < pairs; ++p) s.qrows[p] = qs[p / group] + (p % group) * C * W;
+      tile_scores<C>(k, n, pairs, stride, scale, s);
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+
 template <typename T, int C>  // C = d / 16
 void attend_part(const T* const* qs, int64_t nq, const T* k, const T* v, const int64_t* spans,
                  int64_t n_spans, int64_t lo, const int64_t* his, int64_t group, float scale,
                  float* const* outs, Scratch& s) {
   constexpr int64_t d = C * W;
   int64_t hi = *std::max_element(his, his + nq), n = hi - lo, stride = (n + W - 1) / W * W;
-  int64_t pairs = nq * group;       // (member, head)
-  s.scores.resize(pairs * stride);  // every score below is written before it is read
+  int64_t pairs = nq * group;                        // (member, head)
+  s.scores.resize((pairs + 15) / 16 * 16 * stride);  // every score is written before it is read
   s.qv.resize(pairs * C);
   s.dots.resize(pairs * W);
   s.acc.assign(pairs * C, f16v{});
   s.slots.resize(n);
   key_slots(spans, n_spans, lo, hi, s.slots.data());
   int64_t ends[MAX_Q * MAX_GROUP];
-  for (int64_t j = 0; j < nq; ++j) {
-    for (int64_t h = 0; h < group; ++h) {
-      ends[j * group + h] = his[j] - lo;
+  for (int64_t p = 0; p < pairs; ++p) ends[p] = his[p / group] - lo;
+  if (!tile_scored<T, C>(qs, group, k, n, pairs, stride, scale, s)) {
+    for (int64_t p = 0; p < pairs; ++p) {
       for (int c = 0; c < C; ++c)
-        s.qv[(j * group + h) * C + c] = load(qs[j] + h * d + c * W) * scale;
+        s.qv[p * C + c] = load(qs[p / group] + (p % group) * d + c * W) * scale;
     }
-  }
-  if (pairs >= TILED_PAIRS) {
-    scores_by_tiles<T, C>(k, n, pairs, stride, s);
-  } else {
-    scores_by_keys<T, C>(k, n, pairs, stride, s);
+    if (pairs >= TILED_PAIRS) {
+      scores_by_tiles<T, C>(k, n, pairs, stride, s);
+    } else {
+      scores_by_keys<T, C>(k, n, pairs, stride, s);
+    }
   }
   for (int64_t p = 0; p < pairs; ++p) {  // softmax numerators; padding lanes count 0
     int64_t nj = ends[p], sj_stride = (nj + W - 1) / W * W;

@@ -29,12 +29,6 @@ bool amx_permitted() {  // Linux lends the tile state to a process that asks
   return ok;
 }
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Activations for the tiles: per tile of 16 rows and block, the h and l digits as
 // quads [8][16 rows][4], and the per-row scale, sums and scaled sums as vectors.
 struct TileAct {
