@@ -60,12 +60,24 @@ def in_process(llm: LLM, tokens: int) -> float:
     return (len(out.token_ids) - 1) / out.timings["decode"]
 
 
-def stream(url: str, model: str, tokens: int, prompt: str = PROMPT) -> dict[str, Any]:
-    body = {
+def ours(model: str, tokens: int, prompt: str = PROMPT) -> dict[str, Any]:
+    """A greedy /api/generate of exactly `tokens` tokens."""
+    return {
         "model": model,
         "prompt": prompt,
         "options": {"temperature": 0, "num_predict": tokens, "ignore_eos": True},
     }
+
+
+def peers(tokens: int, prompt: str = PROMPT) -> dict[str, Any]:
+    """The same for llama-server's /completion."""
+    body = {"prompt": prompt, "n_predict": tokens, "stream": True, "temperature": 0}
+    body["ignore_eos"] = True
+    return body
+
+
+def stream(url: str, model: str, tokens: int, prompt: str = PROMPT) -> dict[str, Any]:
+    body = ours(model, tokens, prompt)
     start, stamps, text = time.perf_counter(), [], []
     with httpx.stream("POST", url + "/api/generate", json=body, timeout=600) as r:
         for line in r.iter_lines():
@@ -107,10 +119,8 @@ def llama_server(model: str, slots: int) -> Iterator[str | None]:
 
 
 def peer_stream(url: str, tokens: int, prompt: str = PROMPT) -> dict[str, Any]:
-    body = {"prompt": prompt, "n_predict": tokens, "stream": True, "temperature": 0}
-    body["ignore_eos"] = True
     start, stamps = time.perf_counter(), []
-    with httpx.stream("POST", url + "/completion", json=body, timeout=600) as r:
+    with httpx.stream("POST", url + "/completion", json=peers(tokens, prompt), timeout=600) as r:
         for line in r.iter_lines():
             if line.startswith("data: ") and json.loads(line[6:]).get("content"):
                 stamps.append(time.perf_counter())
@@ -137,18 +147,11 @@ def raw_stream(url: str, path: str, body: dict[str, Any], marker: bytes) -> dict
 
 
 def raw_ours(url: str, model: str, tokens: int) -> dict[str, Any]:
-    body = {
-        "model": model,
-        "prompt": PROMPT,
-        "options": {"temperature": 0, "num_predict": tokens, "ignore_eos": True},
-    }
-    return raw_stream(url, "/api/generate", body, b'"done": false')
+    return raw_stream(url, "/api/generate", ours(model, tokens), b'"done": false')
 
 
 def raw_peer(url: str, tokens: int) -> dict[str, Any]:
-    body = {"prompt": PROMPT, "n_predict": tokens, "stream": True, "temperature": 0}
-    body["ignore_eos"] = True
-    return raw_stream(url, "/completion", body, b'"stop":false')
+    return raw_stream(url, "/completion", peers(tokens), b'"stop":false')
 
 
 def rate(stamps: list[float]) -> float:
@@ -259,7 +262,7 @@ def main() -> None:
     print(f"{args.model}, {args.tokens} tokens, best of {args.rounds}\n")
     print(
         "| | single stream, httpx client tok/s | vs in process | bare client tok/s"
-        " | vs in process | 8 clients tok/s | mean TTFT s |"
+        f" | vs in process | {args.clients} clients tok/s | mean TTFT s |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(f"| in process (LLM) | {base:.1f} | 1.00x | | | | |")
