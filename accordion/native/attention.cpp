@@ -153,8 +153,7 @@ struct Scratch {
   std::vector<float> scores;
   std::vector<int64_t> slots;
   std::vector<f16v> qv, dots, acc, rows;
-  std::vector<uint32_t> qt;                       // queries laid out for the tiles
-  const c10::BFloat16* qrows[MAX_Q * MAX_GROUP];  // each pair's query row
+  std::vector<uint32_t> qt;  // queries laid out for the tiles
 };
 
 inline f16v fma(f16v a, f16v b, f16v c) {
@@ -178,7 +177,7 @@ void scores_by_keys(const T* k, int64_t n, int64_t pairs, int64_t stride, Scratc
       f16v* dots = s.dots.data() + p * W;
       for (int f = fill; f < W; ++f) dots[f] = f16v{};
       f16v r = reduce16(dots);
-      std::memcpy(s.scores.data() + p * stride + end - fill, &r, sizeof r);
+      store(s.scores.data() + p * stride + end - fill, r);
     }
     fill = 0;
   };
@@ -239,7 +238,7 @@ void scores_by_tiles(const T* k, int64_t n, int64_t pairs, int64_t stride, Scrat
       }
       for (int64_t b = 0; b < nb; ++b) {
         f16v r = tree16(lanes[b]);
-        std::memcpy(s.scores.data() + (p0 + b) * stride + t * W, &r, sizeof r);
+        store(s.scores.data() + (p0 + b) * stride + t * W, r);
       }
     }
   }
@@ -253,8 +252,8 @@ void scores_by_tiles(const T* k, int64_t n, int64_t pairs, int64_t stride, Scrat
 // pairs share a tile changes nothing in a pair's scores; every query on such a CPU
 // goes this way, so outputs stay a function of the request alone.
 template <int C>
-void tile_scores(const c10::BFloat16* k, int64_t n, int64_t pairs, int64_t stride, float scale,
-                 Scratch& s) {
+void tile_scores(const c10::BFloat16* const* qs, int64_t group, const c10::BFloat16* k, int64_t n,
+                 int64_t pairs, int64_t stride, float scale, Scratch& s) {
   constexpr int64_t d = C * W;
   constexpr int H = (C + 1) / 2;          // chunks of 32 dims (a 16-dim head: one of 16)
   constexpr int WORDS = C == 1 ? 8 : 16;  // 32-bit words of a chunk
@@ -262,7 +261,7 @@ void tile_scores(const c10::BFloat16* k, int64_t n, int64_t pairs, int64_t strid
   // the queries, [tile][chunk][16 pairs][WORDS words], zero past the last pair
   s.qt.assign(tiles * H * 16 * WORDS, 0);
   for (int64_t p = 0; p < pairs; ++p) {
-    const uint32_t* row = reinterpret_cast<const uint32_t*>(s.qrows[p]);
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(qs[p / group] + (p % group) * d);
     for (int h = 0; h < H; ++h)
       std::memcpy(s.qt.data() + ((p / 16 * H + h) * 16 + p % 16) * WORDS, row + h * WORDS,
                   WORDS * 4);
@@ -299,10 +298,7 @@ void tile_scores(const c10::BFloat16* k, int64_t n, int64_t pairs, int64_t strid
       }
       float* out = s.scores.data() + tile * 16 * stride + t * W;
       _tile_stored(0, out, stride * 4);
-      for (int r = 0; r < 16; ++r) {
-        f16v x = load(out + r * stride) * scale;
-        std::memcpy(out + r * stride, &x, sizeof x);
-      }
+      for (int r = 0; r < 16; ++r) store(out + r * stride, load(out + r * stride) * scale);
     }
   }
   _tile_release();
@@ -371,8 +367,7 @@ bool tile_scored(const T* const* qs, int64_t group, const T* k, int64_t n, int64
 #ifdef __AMX_BF16__
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (accordion_native::amx_available()) {
-      for (int64_t p = 0; p < pairs; ++p) s.qrows[p] = qs[p / group] + (p % group) * C * W;
-      tile_scores<C>(k, n, pairs, stride, scale, s);
+      tile_scores<C>(qs, group, k, n, pairs, stride, scale, s);
       return true;
     }
   }
@@ -421,7 +416,7 @@ void attend_part(const T* const* qs, int64_t nq, const T* k, const T* v, const i
     for (int64_t m = 0; m < sj_stride; m += W) {
       f16v e = exp_nonpositive(load(sj + m) - top);
       for (int64_t z = nj - m; z < W; ++z) e[z] = 0.f;
-      std::memcpy(sj + m, &e, sizeof e);
+      store(sj + m, e);
       run += e;
     }
     float* out = outs[p / group] + (p % group) * (d + 2);
@@ -497,21 +492,17 @@ void run(const T* q, const T* k, const T* v, T* out, const int64_t* span, const 
       }
       uint64_t hash = 1469598103934665603ull;  // FNV-1a over the name's numbers
       for (int64_t x : key) hash = (hash ^ static_cast<uint64_t>(x)) * 1099511628211ull;
-      auto found = open.find(hash);
-      bool joins = false;
-      if (found != open.end()) {
-        size_t t = found->second;
-        joins = tasks[t].members.size() < MAX_Q &&
-                std::equal(key.begin(), key.end(), names.begin() + name_at[t],
-                           names.begin() + name_at[t + 1]);
-      }
-      if (!joins) {
-        open[hash] = tasks.size();
+      auto [entry, fresh] = open.try_emplace(hash, tasks.size());
+      size_t t = entry->second;
+      if (fresh || tasks[t].members.size() == MAX_Q ||
+          !std::equal(key.begin(), key.end(), names.begin() + name_at[t],
+                      names.begin() + name_at[t + 1])) {
+        t = entry->second = tasks.size();
         tasks.push_back({{}, p});
         names.insert(names.end(), key.begin(), key.end());
         name_at.push_back(names.size());
       }
-      tasks[open[hash]].members.push_back(i);
+      tasks[t].members.push_back(i);
     }
   }
   // Every number of it is written by its task before the merge reads it. Up to KEPT
