@@ -383,14 +383,14 @@ void attend_part(const T* const* qs, int64_t nq, const T* k, const T* v, const i
   int64_t hi = *std::max_element(his, his + nq), n = hi - lo, stride = (n + W - 1) / W * W;
   int64_t pairs = nq * group;                        // (member, head)
   s.scores.resize((pairs + 15) / 16 * 16 * stride);  // every score is written before it is read
-  s.qv.resize(pairs * C);
-  s.dots.resize(pairs * W);
   s.acc.assign(pairs * C, f16v{});
   s.slots.resize(n);
   key_slots(spans, n_spans, lo, hi, s.slots.data());
   int64_t ends[MAX_Q * MAX_GROUP];
   for (int64_t p = 0; p < pairs; ++p) ends[p] = his[p / group] - lo;
   if (!tile_scored<T, C>(qs, group, k, n, pairs, stride, scale, s)) {
+    s.qv.resize(pairs * C);  // the vector paths' queries and lane sums
+    s.dots.resize(pairs * W);
     for (int64_t p = 0; p < pairs; ++p) {
       for (int c = 0; c < C; ++c)
         s.qv[p * C + c] = load(qs[p / group] + (p % group) * d + c * W) * scale;
