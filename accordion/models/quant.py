@@ -5,8 +5,9 @@ Q6_K blocks where the file maps them, and F32/F16/BF16 rows likewise: a model's
 weights take the file's size in memory and nothing is converted at load. Other
 types (Q2_K, Q3_K, the IQ family) are dequantized to bf16 once, with the `gguf`
 package's own decoders. `reference_matmul` is the same product in numpy: the
-activations quantized as the kernel quantizes them, the weights dequantized by
-`gguf`; the path without native ops, and what the tests hold the kernel to.
+activations quantized as the vector code quantizes them (or both operands rounded
+to bf16 as the AMX tiles take them), the weights dequantized by `gguf`; the path
+without native ops, and what the tests hold the kernel to.
 """
 
 from __future__ import annotations
@@ -88,11 +89,27 @@ def quantize_activations(x: np.ndarray) -> np.ndarray:
     return (q * (amax / levels)).reshape(x.shape).astype(np.float32)
 
 
-def reference_matmul(x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
-    """float32 [M, sum of rows]: what native qmatmul computes, up to float rounding."""
+def to_bf16(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bf16 (nearest, ties to even), as float32."""
+    return torch.from_numpy(np.ascontiguousarray(a)).bfloat16().float().numpy()
+
+
+def reference_matmul(
+    x: torch.Tensor, parts: list[torch.Tensor], tiles: bool = False
+) -> torch.Tensor:
+    """float32 [M, sum of rows]: what native qmatmul computes, up to float rounding.
+    Quantized matrices meet int16-quantized activations, as the vector code's do; with
+    `tiles`, the AMX-BF16 kernel's operands instead: activations and weights rounded
+    to bf16 (native.amx_tiles() says which the CPU runs)."""
     xs = x.float().numpy()
     outs = []
     for w in parts:
-        xa = quantize_activations(xs) if w.dtype == torch.uint8 else xs
-        outs.append(xa.astype(np.float64) @ weights_dense(w).astype(np.float64).T)
+        dense = weights_dense(w)
+        if w.dtype != torch.uint8:
+            xa = xs
+        elif tiles:
+            xa, dense = to_bf16(xs), to_bf16(dense)
+        else:
+            xa = quantize_activations(xs)
+        outs.append(xa.astype(np.float64) @ dense.astype(np.float64).T)
     return torch.from_numpy(np.concatenate(outs, axis=1).astype(np.float32))

@@ -133,6 +133,12 @@ def build() -> Path:
     return out
 
 
+def amx_tiles() -> bool:
+    """Whether quantized products run on AMX-BF16 tiles on this CPU (qmatmul_amx.cpp),
+    every row count alike; otherwise on qmatmul.cpp's int16 vectors."""
+    return available() and bool(torch.ops.accordion.qmatmul_amx(True))
+
+
 def available() -> bool:
     """Whether torch.ops.accordion is loaded (building it on first call)."""
     if "ok" not in _state:

@@ -1,6 +1,7 @@
-// What both matrix kernels share (qmatmul.cpp, qmatmul_amx.cpp): activations
-// quantized to int16 per block of 32 and held as two int8 digits, the exact
-// u8 x s8 products, and the one arithmetic every quantized output element follows.
+// What the matrix kernels share (qmatmul.cpp, qmatmul_amx.cpp): the vector code's
+// activations quantized to int16 per block of 32 and held as two int8 digits, the
+// exact u8 x s8 products and the one arithmetic its quantized output elements
+// follow; the parts of a product, the loop over their groups, the tile config.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -37,7 +38,7 @@ inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
 // moved SmolLM2's greedy tokens. Each q is held as two int8 digits, q = 256 h + l
 // (l in [-128, 127]; LEVELS keeps h in [-127, 127]), so that a block's exact sum
 // against unsigned 8-bit weights is 256 * sum(w h) + sum(w l): two u8 x s8
-// products, which VNNI (and AMX) compute exactly.
+// products, which VNNI computes exactly.
 constexpr int32_t LEVELS = 127 * 256 + 127;
 
 struct Act {
@@ -166,9 +167,10 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Products of many activation rows on AMX (qmatmul_amx.cpp): false where the CPU
-// or the kernel lacks AMX, or where `m` rows are too few to pay for the tiles.
-bool amx_matmul(const std::vector<Part>& parts, const Act& a, int64_t m, float* out, int64_t ldy);
+// Products on AMX-BF16 tiles (qmatmul_amx.cpp) of x float32 [m, k]: false where the
+// CPU or the kernel lacks them.
+bool amx_matmul(const std::vector<Part>& parts, const float* x, int64_t m, int64_t k, float* out,
+                int64_t ldy);
 bool amx_available();
 
 }  // namespace accordion_native

@@ -8,9 +8,10 @@
 // Here is the vector code: lanes across 16 weight rows, the weights of 16 rows
 // decoded and transposed so that each activation quad is broadcast against all
 // of them. Few activation rows stream each decoded pair of blocks; many reuse a
-// panel decoded once for the whole row. qmatmul_amx.cpp computes the same
-// integers on AMX tiles for many rows. F32, F16 and BF16 weights take float32
-// activations through FMAs, each row's sum in a fixed order too.
+// panel decoded once for the whole row. CPUs with AMX-BF16 take every quantized
+// product on tiles instead (qmatmul_amx.cpp: bf16 operands, float32 sums), for
+// every row count, so each CPU still has one arithmetic. F32, F16 and BF16 weights
+// take float32 activations through FMAs, each row's sum in a fixed order too.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -313,7 +314,7 @@ void run_float(const Tensor& w, const float* x, int64_t m, int64_t k, float* out
   });
 }
 
-bool use_amx = true;  // tests switch it off to hold AMX to the vector code
+bool use_amx = true;  // tests switch it off to check the vector code on AMX CPUs
 
 // Values per block of a quantized part (see with_type).
 int64_t block_values(int64_t bytes) {
@@ -346,14 +347,10 @@ Tensor qmatmul(const Tensor& x, at::TensorList w, const std::optional<Tensor>& b
   }
   Tensor out = at::empty({m, total}, x.options());
   if (m == 0 || total == 0) return out;
-  Act act;
-  if (any_quantized) {
-    TORCH_CHECK(k % 32 == 0, "quantized weights need K a multiple of 32");
-    quantize(x.data_ptr<float>(), m, k, act);
-  }
+  if (any_quantized) TORCH_CHECK(k % 32 == 0, "quantized weights need K a multiple of 32");
   float* y = out.data_ptr<float>();
-  // quantized matrices all in one parallel loop: on AMX tiles for many rows where the
-  // CPU has them, else through the vector code
+  // quantized matrices all in one parallel loop: on AMX-BF16 tiles where the CPU has
+  // them, else through the vector code
   std::vector<Part> quantized;
   int64_t col = 0;
   for (const Tensor& part : w) {
@@ -376,15 +373,18 @@ Tensor qmatmul(const Tensor& x, at::TensorList w, const std::optional<Tensor>& b
     }
     col += part.size(0);
   }
-  if (!quantized.empty() && !(use_amx && amx_matmul(quantized, act, m, y, total))) {
+  const float* xs = x.data_ptr<float>();
+  if (!quantized.empty() && !(use_amx && amx_matmul(quantized, xs, m, k, y, total))) {
+    Act act;
+    quantize(xs, m, k, act);
     run_quantized(quantized, act, m, y, total);
   }
   if (bias.has_value()) out.add_(*bias);
   return out;
 }
 
-// Whether products of many rows may use AMX (where the CPU has it); returns
-// whether they will. The tests hold the two paths to the same bits.
+// Whether quantized products may use AMX-BF16 tiles (where the CPU has them); returns
+// whether they will. Tests switch them off to check the vector code here too.
 bool qmatmul_amx(bool on) {
   use_amx = on;
   return on && amx_available();
