@@ -179,16 +179,17 @@ def test_a_batch_past_its_window_expires_with_its_partial_output(models: Path) -
     server = LiveServer(models, env={"ACCORDION_BATCH_WINDOW": "5s"})
     try:
         client = client_of(server)
-        created = submit(client, "slow.jsonl", lines(400, max_tokens=24))
+        # far more work than 5 s holds on any machine we run on (~10^5 tokens)
+        created = submit(client, "slow.jsonl", lines(2000, max_tokens=64))
         assert created.expires_at - created.created_at == 5
         expired = wait(client, created.id, {"expired", "completed"})
         assert expired.status == "expired" and expired.expired_at >= created.expires_at
         ids = output_ids(client, expired.output_file_id)
         never_ran = error_codes(client, expired.error_file_id)
         assert ids and never_ran and set(never_ran.values()) == {"batch_expired"}
-        assert sorted([*ids, *never_ran]) == sorted(f"req-{i}" for i in range(400))
+        assert sorted([*ids, *never_ran]) == sorted(f"req-{i}" for i in range(2000))
         counts = expired.request_counts
-        assert (counts.total, counts.completed, counts.failed) == (400, len(ids), len(never_ran))
+        assert (counts.total, counts.completed, counts.failed) == (2000, len(ids), len(never_ran))
     finally:
         server.stop()
 

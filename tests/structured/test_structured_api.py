@@ -42,7 +42,7 @@ def test_ollama_streamed_generate_in_json_mode(ollama_client: ollama.Client) -> 
     chunks = list(
         ollama_client.generate(
             MODEL,
-            prompt="List three fruits as JSON.",
+            prompt='Name one fruit as a JSON object with the key "fruit".',
             format="json",
             stream=True,
             options={"temperature": 0, "num_predict": 200},
