@@ -41,31 +41,27 @@ inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
 // products, which VNNI computes exactly.
 constexpr int32_t LEVELS = 127 * 256 + 127;
 
+// One block of 32 of one activation row: its digits and what the fold of its
+// products needs, side by side, so that a row's blocks are one stream and one
+// pointer a row serves every load
+struct XBlock {
+  int8_t h[32], l[32];  // q = 256 h + l
+  float scale;          // max|x| / LEVELS
+  float scaled_sum;     // scale * sum(q), for the minimums
+  int32_t sum16[2];     // sum(q) of each 16 values
+};
+
 struct Act {
   int64_t blocks = 0, pairs = 0;  // blocks of 32; pairs of blocks (the last one padded)
-  std::vector<int8_t> h, l;       // [rows][pairs * 64]
-  std::vector<float> scale;       // [rows][pairs * 2]
-  std::vector<int32_t> sum16;     // [rows][pairs * 4]: sum(q) of each 16 values
-  std::vector<float> scaled_sum;  // [rows][pairs * 2]: scale * sum(q), for the minimums
+  std::vector<XBlock> x;          // [rows][pairs * 2]
 
-  const int32_t* h_at(int64_t r, int64_t b) const {
-    return reinterpret_cast<const int32_t*>(h.data() + (r * pairs * 2 + b) * 32);
-  }
-  const int32_t* l_at(int64_t r, int64_t b) const {
-    return reinterpret_cast<const int32_t*>(l.data() + (r * pairs * 2 + b) * 32);
-  }
-  int64_t at(int64_t r, int64_t b) const { return r * pairs * 2 + b; }
+  const XBlock* row(int64_t r) const { return x.data() + r * pairs * 2; }
 };
 
 inline void quantize(const float* x, int64_t rows, int64_t k, Act& a) {
   a.blocks = k / 32;
   a.pairs = (a.blocks + 1) / 2;
-  int64_t padded = a.pairs * 2;
-  a.h.assign(rows * padded * 32, 0);
-  a.l.assign(rows * padded * 32, 0);
-  a.scale.assign(rows * padded, 0.f);
-  a.sum16.assign(rows * padded * 2, 0);
-  a.scaled_sum.assign(rows * padded, 0.f);
+  a.x.assign(rows * a.pairs * 2, XBlock{});
   auto rows_from = [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t b = 0; b < a.blocks; ++b) {
@@ -75,22 +71,22 @@ inline void quantize(const float* x, int64_t rows, int64_t k, Act& a) {
         float d = amax / LEVELS, id = amax > 0.f ? LEVELS / amax : 0.f;
         __m512i q[2] = {_mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(id))),
                         _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(id)))};
-        int64_t i = a.at(r, b);
+        XBlock& out = a.x[r * a.pairs * 2 + b];
         int32_t total = 0;
         for (int half = 0; half < 2; ++half) {
           q[half] = _mm512_max_epi32(_mm512_min_epi32(q[half], _mm512_set1_epi32(LEVELS)),
                                      _mm512_set1_epi32(-LEVELS));
           __m512i high = _mm512_srai_epi32(_mm512_add_epi32(q[half], _mm512_set1_epi32(128)), 8);
           __m512i low = _mm512_sub_epi32(q[half], _mm512_slli_epi32(high, 8));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(a.h.data() + i * 32 + 16 * half),
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(out.h + 16 * half),
                            _mm512_cvtepi32_epi8(high));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(a.l.data() + i * 32 + 16 * half),
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(out.l + 16 * half),
                            _mm512_cvtepi32_epi8(low));
-          a.sum16[2 * i + half] = _mm512_reduce_add_epi32(q[half]);
-          total += a.sum16[2 * i + half];
+          out.sum16[half] = _mm512_reduce_add_epi32(q[half]);
+          total += out.sum16[half];
         }
-        a.scale[i] = d;
-        a.scaled_sum[i] = d * static_cast<float>(total);
+        out.scale = d;
+        out.scaled_sum = d * static_cast<float>(total);
       }
     }
   };

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -168,35 +169,46 @@ void decode_range(const uint8_t* base, int64_t row_bytes, int rows, int64_t b0, 
   }
 }
 
-// Block pb of the panel against block b of activation rows r0..r0+R, into acc.
+// acc + the products of u against the 4 signed digits at p, broadcast to every lane
+// (a separate broadcast: the one folded into vpdpbusd runs at half speed on Zen 4)
+inline __m512i dpbusd_at(__m512i acc, __m512i u, const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return dpbusd(acc, u, _mm512_set1_epi32(v));
+}
+
+// Block pb of the panel against block b of R activation rows (row r's blocks at
+// x[r]), into acc. Unrolled, so that the sums and the row pointers stay in registers.
 template <class T, int R>
-inline void accumulate(const Panel& p, int64_t pb, const Act& a, int64_t r0, int64_t b,
-                       __m512* acc) {
+inline void accumulate(const Panel& p, int64_t pb, const XBlock* const* x, int64_t b, __m512* acc) {
   const __m512i* w = p.q.data() + (pb / 2) * 16 + (pb % 2) * 8;
   for (int half = 0; half < T::HALVES; ++half) {
     constexpr int QUADS = 8 / T::HALVES;
     __m512i high[R], low[R];
     for (int r = 0; r < R; ++r) high[r] = low[r] = _mm512_setzero_si512();
+#pragma GCC unroll 8
     for (int k = half * QUADS; k < (half + 1) * QUADS; ++k) {
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        high[r] = dpbusd(high[r], w[k], _mm512_set1_epi32(a.h_at(r0 + r, b)[k]));
-        low[r] = dpbusd(low[r], w[k], _mm512_set1_epi32(a.l_at(r0 + r, b)[k]));
+        high[r] = dpbusd_at(high[r], w[k], x[r][b].h + 4 * k);
+        low[r] = dpbusd_at(low[r], w[k], x[r][b].l + 4 * k);
       }
     }
     __m512 ws = p.scale[2 * pb + (T::HALVES == 2 ? half : 0)];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      int64_t i = a.at(r0 + r, b);
-      int32_t xs = T::HALVES == 2 ? a.sum16[2 * i + half] : a.sum16[2 * i] + a.sum16[2 * i + 1];
+      const XBlock& xb = x[r][b];
+      int32_t xs = T::HALVES == 2 ? xb.sum16[half] : xb.sum16[0] + xb.sum16[1];
       __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(high[r], 8), low[r]);
       sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(T::ZERO * xs));
-      __m512 scale = _mm512_mul_ps(ws, _mm512_set1_ps(a.scale[i]));
+      __m512 scale = _mm512_mul_ps(ws, _mm512_set1_ps(xb.scale));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r]);
     }
   }
   if constexpr (T::MIN) {
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      __m512 xs = _mm512_set1_ps(a.scaled_sum[a.at(r0 + r, b)]);
-      acc[r] = _mm512_fmadd_ps(p.min[pb], xs, acc[r]);
+      acc[r] = _mm512_fmadd_ps(p.min[pb], _mm512_set1_ps(x[r][b].scaled_sum), acc[r]);
     }
   }
 }
@@ -212,8 +224,9 @@ inline void store_rows(const __m512* acc, float* y, int64_t ldy, int cols) {
 template <class T, int R>
 void panel_rows(const Panel& p, const Act& a, int64_t r0, float* y, int64_t ldy, int cols) {
   __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < a.blocks; ++b) accumulate<T, R>(p, b, a, r0, b, acc);
+  const XBlock* x[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), x[r] = a.row(r0 + r);
+  for (int64_t b = 0; b < a.blocks; ++b) accumulate<T, R>(p, b, x, b, acc);
   store_rows<R>(acc, y, ldy, cols);
 }
 
@@ -267,11 +280,12 @@ void run_group(const uint8_t* base, int64_t n, int64_t row_bytes, const Act& a, 
     with_rows(m, [&](auto r) {
       constexpr int R = decltype(r)::value;
       __m512 acc[R];
-      for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+      const XBlock* x[R];
+      for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps(), x[i] = a.row(i);
       for (int64_t b0 = 0; b0 < a.blocks; b0 += STAGED) {
         int64_t k = std::min(STAGED, a.blocks - b0);
         decode_range<T>(rows, row_bytes, cols, b0, k, panel, 0, staged);
-        for (int64_t j = 0; j < k; ++j) accumulate<T, R>(panel, j, a, 0, b0 + j, acc);
+        for (int64_t j = 0; j < k; ++j) accumulate<T, R>(panel, j, x, b0 + j, acc);
       }
       store_rows<R>(acc, out + n0, ldy, cols);
     });
