@@ -94,6 +94,8 @@ def peer(path: Path) -> dict[str, float]:
                     break
             except httpx.HTTPError:
                 pass
+            code = proc.poll()  # a build for another CPU dies at once (SIGILL)
+            assert code is None, f"llama-server exited with {code} before it answered"
             assert time.monotonic() < deadline, "llama-server did not start"
             time.sleep(0.5)
         body = {"prompt": "hello", "n_predict": 1}
