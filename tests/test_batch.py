@@ -195,7 +195,7 @@ def test_a_changed_input_or_setting_refuses_to_resume(tmp_path: Path) -> None:
 
 # -- the shared prefix -----------------------------------------------------------------------
 def test_a_shared_system_prompt_is_computed_about_once(tmp_path: Path) -> None:
-    n = 2000
+    n = 600
     # 1,104 tokens up to each request's own text, 69 whole 16-token cache blocks, so a
     # request computes only its own tokens (~9.5, measured) and not also the prefix's
     # last 4 (~13.5): nearly all of this test's time is those per-request tokens
