@@ -174,6 +174,7 @@ class Link:
             code, was = self.proc.exitcode, self.pid
             with self.lock:
                 self._up = False
+                self.pid = None  # /api/ps shows no process until the next one starts
             self.restarts += 1
             loading, why = self._loading, f"engine process died ({code})"
             if loading is not None:  # its load killed the process: never again
