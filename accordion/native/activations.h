@@ -52,16 +52,16 @@ struct XBlock {
 };
 
 struct Act {
-  int64_t blocks = 0, pairs = 0;  // blocks of 32; pairs of blocks (the last one padded)
-  std::vector<XBlock> x;          // [rows][pairs * 2]
+  int64_t blocks = 0;     // blocks of 32 a row
+  std::vector<XBlock> x;  // [rows][blocks]
 
-  const XBlock* row(int64_t r) const { return x.data() + r * pairs * 2; }
+  const XBlock* row(int64_t r) const { return x.data() + r * blocks; }
+  XBlock* row(int64_t r) { return x.data() + r * blocks; }
 };
 
 inline void quantize(const float* x, int64_t rows, int64_t k, Act& a) {
   a.blocks = k / 32;
-  a.pairs = (a.blocks + 1) / 2;
-  a.x.assign(rows * a.pairs * 2, XBlock{});
+  a.x.assign(rows * a.blocks, XBlock{});
   auto rows_from = [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t b = 0; b < a.blocks; ++b) {
@@ -71,7 +71,7 @@ inline void quantize(const float* x, int64_t rows, int64_t k, Act& a) {
         float d = amax / LEVELS, id = amax > 0.f ? LEVELS / amax : 0.f;
         __m512i q[2] = {_mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(id))),
                         _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(id)))};
-        XBlock& out = a.x[r * a.pairs * 2 + b];
+        XBlock& out = a.row(r)[b];
         int32_t total = 0;
         for (int half = 0; half < 2; ++half) {
           q[half] = _mm512_max_epi32(_mm512_min_epi32(q[half], _mm512_set1_epi32(LEVELS)),

@@ -291,7 +291,7 @@ void run_group(const uint8_t* base, int64_t n, int64_t row_bytes, const Act& a, 
     });
     return;
   }
-  panel.resize(a.pairs);  // many rows: the panel decoded once for the whole K
+  panel.resize((a.blocks + 1) / 2);  // many rows: the panel decoded once for the whole K
   for (int64_t b0 = 0; b0 < a.blocks; b0 += STAGED) {
     decode_range<T>(rows, row_bytes, cols, b0, std::min(STAGED, a.blocks - b0), panel, b0, staged);
   }
