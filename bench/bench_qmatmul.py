@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from accordion.loader.model import load_model
-
-SUPER_BLOCKS = {144, 176, 210}  # bytes of a Q4_K, Q5_K, Q6_K block of 256 values
+from accordion.models.quant import kernel_cols
 
 
 def median_s(fn: Callable[[], object], budget_s: float = 0.5) -> float:
@@ -55,8 +54,7 @@ def main() -> None:
         parts = lin.parts
         if not parts:
             continue
-        values = 256 if parts[0].shape[2] in SUPER_BLOCKS else 32
-        k, n = parts[0].shape[1] * values, sum(p.shape[0] for p in parts)
+        k, n = kernel_cols(parts[0]), sum(p.shape[0] for p in parts)
         nbytes = sum(p.numel() for p in parts)
         dense = torch.randn(n, k).bfloat16()
         types = "+".join(str(p.shape[2]) for p in parts)

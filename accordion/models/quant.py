@@ -62,13 +62,24 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> np.nd
     return out.reshape(shape).astype(np.float32, copy=False)
 
 
+def block_type(block_bytes: int) -> Q:
+    """The quantized type whose blocks are `block_bytes` long, as kernel_weights holds
+    it (uint8 [rows, blocks, block bytes]): the block size names the type."""
+    return next(t for t in KERNEL_BLOCKS if GGML_QUANT_SIZES[t][1] == block_bytes)
+
+
+def kernel_cols(w: torch.Tensor) -> int:
+    """Columns of a matrix in the kernel's form, quantized or float."""
+    if w.dtype != torch.uint8:
+        return w.shape[1]
+    return w.shape[1] * GGML_QUANT_SIZES[block_type(w.shape[2])][0]
+
+
 def weights_dense(w: torch.Tensor, chunk: int = 8192) -> np.ndarray:
     """float32 [rows, cols] of a matrix in the kernel's form, a few MB at a time."""
     if w.dtype != torch.uint8:
         return w.float().numpy()
-    rows, blocks, nbytes = w.shape
-    t = next(t for t in KERNEL_BLOCKS if GGML_QUANT_SIZES[t][1] == nbytes)
-    cols = blocks * GGML_QUANT_SIZES[t][0]
+    rows, t, cols = w.shape[0], block_type(w.shape[2]), kernel_cols(w)
     out = np.empty((rows, cols), np.float32)
     raw = w.numpy().reshape(rows, -1)
     for i in range(0, rows, chunk):
