@@ -3,7 +3,9 @@ hostile pages, unbounded bodies, broken model files. Each case against a real se
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import random
 import socket
@@ -21,7 +23,11 @@ import ollama
 import openai
 import psutil
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from live_server import LiveServer
+
+from accordion.api import prompts
 
 MODEL = "smollm2"
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "paper", "lamp", "orbit"]
@@ -249,7 +255,7 @@ def test_error_statuses_are_documented(http: httpx.Client) -> None:
 # -- nothing heavy on the HTTP thread ---------------------------------------------------
 
 
-def test_twenty_thousand_messages_answer_fast_and_block_nothing(
+def test_twenty_thousand_messages_are_answered_and_block_nothing(
     server: LiveServer, http: httpx.Client
 ) -> None:
     messages = [
@@ -270,17 +276,37 @@ def test_twenty_thousand_messages_answer_fast_and_block_nothing(
 
     pinger = threading.Thread(target=ping)
     pinger.start()
-    start = time.perf_counter()
     r = http.post("/api/chat", json=body)
-    elapsed = time.perf_counter() - start
     done.set()
     pinger.join()
     assert r.status_code in (200, 400), r.text
     if r.status_code == 200:
         report = r.json()["truncated"]
         assert report["kept"] < 128 and report["original"] > 20_000
-    assert elapsed <= 1.0, elapsed
     assert pings and max(pings) <= 0.1, sorted(pings)[-3:]
+
+
+@given(st.lists(st.integers(1, 40), min_size=2, max_size=20_000), st.floats(0, 1, exclude_max=True))
+@settings(max_examples=60, deadline=None)
+def test_truncation_search_renders_what_the_limit_allows_not_the_history(
+    sizes: list[int], cut: float
+) -> None:
+    """The tail search (after one render of the whole) renders conversations that
+    nearly fit, not the whole history again per step: its cost follows the limit.
+    Its cost is counted in messages rendered, not timed."""
+    newest_first = list(itertools.accumulate(reversed(sizes)))
+    # a limit the newest message fits below and the whole does not
+    limit = sizes[-1] + 4 + int(cut * (newest_first[-1] - sizes[-1]))
+    rendered: list[int] = []
+
+    def encode(n: int) -> list[int]:  # a template's 3 framing tokens and the newest n messages
+        rendered.append(n)
+        return [0] * (3 + newest_first[n - 1])
+
+    kept = prompts._longest_tail(encode, len(sizes), limit)
+    fits = max(n for n in range(1, len(sizes) + 1) if 3 + newest_first[n - 1] < limit)
+    assert len(kept) == 3 + newest_first[fits - 1]  # the longest tail that fits, exactly
+    assert sum(rendered) <= 4 * fits * (2 + math.log2(fits)), (fits, rendered)
 
 
 def test_truncation_keeps_the_newest_messages_that_fit(http: httpx.Client) -> None:
