@@ -1,7 +1,8 @@
 """Beyond the toy: a TinyLlama-shaped 1.1B random-weight GGUF, accordion against
 llama.cpp's llama-server on the same file, in one run.
 
-    .venv/bin/python bench/bench_big.py [--file q4_0|q4_k_m] [--modes auto] [--skip-peer]
+    .venv/bin/python bench/bench_big.py [--file q4_0|q4_k_m] [--modes auto]
+        [--skip-peer | --peer PATH]
 
 The file (22 layers, hidden 2048, 32 heads, 4 KV heads, FFN 5632, vocabulary 32000;
 Q4_0, ~560 MiB, or Q4_K_M's mix of Q4_K and Q6_K, ~700 MiB) is written once with
@@ -78,11 +79,11 @@ def isolated(fn, *args):  # noqa: ANN001, ANN002, ANN201
         return pool.submit(fn, *args).result()
 
 
-def peer(path: Path) -> dict[str, float]:
+def peer(path: Path, server: Path = PEER) -> dict[str, float]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [str(PEER), "-m", str(path), "-a", "big", "--host", "127.0.0.1",
+    command = [str(server), "-m", str(path), "-a", "big", "--host", "127.0.0.1",
                "--port", str(port), "-t", "2", "-c", "4096", "-np", "1"]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -119,6 +120,9 @@ def main() -> None:
     ap.add_argument("--modes", default="auto")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--skip-peer", action="store_true")
+    # the shared build needs AVX-VNNI (VEX), which an AMD Zen 4 lacks (SIGILL): a build
+    # for that CPU is named here
+    ap.add_argument("--peer", type=Path, default=PEER, help="llama-server to compare with")
     ap.add_argument("--file", choices=sorted(FILES), default="q4_0", help="which mix of types")
     args = ap.parse_args()
     path = big_file(args.file)
@@ -135,8 +139,8 @@ def main() -> None:
             f" {r.prefill_tps:.0f} tok/s, decode b1 {r.decode1_tps:.1f} tok/s,"
             f" b8 {r.decode8_tps:.1f} tok/s"
         )
-    if not args.skip_peer and PEER.exists():
-        p = peer(path)
+    if not args.skip_peer and args.peer.exists():
+        p = peer(path, args.peer)
         print(f"llama-server -c 4096: {json.dumps({k: round(v, 1) for k, v in p.items()})}")
 
 

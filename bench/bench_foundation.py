@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-MODES = ("auto", "fp32")
+MODES = ("auto", "fp32", "vector")
+# "vector": auto with AMX tiles switched off, so an AMX CPU runs every product on the
+# int16 vector kernel the other CPUs run (on those, the same as auto): which path an
+# AMX CPU should take is a measurement, made with --modes auto,vector
 DECODE_PROMPT = 32  # tokens per prompt for the decode runs
 REPEATS = 3
 BATCH = 8
@@ -96,13 +99,19 @@ def measure(model: str, mode: str, prompt_tokens: int, tokens: int) -> Result:
     from accordion.loader.model import load_model
 
     torch.manual_seed(0)
+    weights = "auto" if mode == "vector" else mode
+    if mode == "vector":
+        from accordion import native
+
+        native.available()  # loads the ops
+        torch.ops.accordion.qmatmul_amx(False)
     before = rss_mib()
-    loaded = load_model(model, mode)
+    loaded = load_model(model, weights)
     load_s, rss = loaded.load_seconds, rss_mib()
     del loaded
     gc.collect()
 
-    llm = LLM(model, weights=mode)  # the KV cache grows with the requests
+    llm = LLM(model, weights=weights)  # the KV cache grows with the requests
     ids = long_ids(llm.tokenizer, 3 * prompt_tokens + BATCH * DECODE_PROMPT)
 
     def greedy(n: int) -> SamplingParams:
@@ -165,7 +174,7 @@ def table(model: str, prompt_tokens: int, results: list[Result]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", help="bundled model name or GGUF path")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated weights modes")
+    ap.add_argument("--modes", default="auto,fp32", help=f"comma-separated: {', '.join(MODES)}")
     ap.add_argument("--tokens", type=int, default=128, help="decode tokens per sequence")
     ap.add_argument("--fp32-tokens", type=int, help="decode tokens for fp32 (default: --tokens)")
     ap.add_argument("--prompt-tokens", type=int, default=512, help="prefill prompt length")

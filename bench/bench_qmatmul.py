@@ -40,12 +40,13 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--rows", default="1,8,512", help="activation row counts")
     ap.add_argument("--block", type=int, default=1, help="which decoder block's matrices")
+    ap.add_argument("--vector", action="store_true", help="AMX CPUs: the vector kernel, not tiles")
     a = ap.parse_args()
     decoder = load_model(a.model, "auto").decoder
     w = decoder.blocks[a.block].w
     linears = {"qkv": w.qkv, "o": w.o, "gate_up": w.gate_up, "down": w.down}
     linears["head"] = decoder.lm_head
-    tiles = torch.ops.accordion.qmatmul_amx(True)
+    tiles = torch.ops.accordion.qmatmul_amx(not a.vector)
     print(f"{a.model}, block {a.block}: {'AMX-BF16 tiles' if tiles else 'int16 vectors'}")
     print("| matrix | types (block bytes) | N x K | rows | accordion ms | GMAC/s | bf16 GEMM ms"
           " | GMAC/s | ratio | weights GB/s |")  # fmt: skip
