@@ -8,8 +8,9 @@ The file (22 layers, hidden 2048, 32 heads, 4 KV heads, FFN 5632, vocabulary 320
 Q4_0, ~560 MiB, or Q4_K_M's mix of Q4_K and Q6_K, ~700 MiB) is written once with
 gguf's writer into $ACCORDION_CACHE/bench (never committed). For accordion,
 bench_foundation.measure runs in a fresh process per mode: load seconds, RSS after
-load and after the requests, peak RSS, prefill and decode tokens/s. The process floor
-is the RSS of a fresh interpreter with torch and the server imported and no model.
+load, after a 'hello' and after the requests, peak RSS, prefill and decode tokens/s.
+The process floor is the RSS of a fresh interpreter with torch and the server
+imported and no model.
 For the peer, llama-server (-t 2 -c 4096) answers a 'hello' and a 128-token
 completion: its RSS after that and its own prefill/decode timings.
 """
@@ -131,13 +132,13 @@ def main() -> None:
     print(f"file {size:.0f} MiB; process floor (torch + server, no model) {floor:.0f} MiB")
     for mode in args.modes.split(","):
         r = isolated(measure, str(path), mode, 512, args.tokens)
-        weights = r.rss_served_mib - floor
+        weights = r.rss_hello_mib - floor
         print(
             f"accordion {mode}: load {r.load_s:.1f} s, RSS after load {r.rss_mib:.0f} MiB,"
-            f" after the requests {r.rss_served_mib:.0f} MiB ({weights:.0f} above the floor ="
-            f" {weights / size:.2f} x file), peak {r.peak_mib:.0f} MiB, prefill 512"
-            f" {r.prefill_tps:.0f} tok/s, decode b1 {r.decode1_tps:.1f} tok/s,"
-            f" b8 {r.decode8_tps:.1f} tok/s"
+            f" after a 'hello' {r.rss_hello_mib:.0f} MiB ({weights:.0f} above the floor ="
+            f" {weights / size:.2f} x file), after the requests {r.rss_served_mib:.0f} MiB,"
+            f" peak {r.peak_mib:.0f} MiB, prefill 512 {r.prefill_tps:.0f} tok/s,"
+            f" decode b1 {r.decode1_tps:.1f} tok/s, b8 {r.decode8_tps:.1f} tok/s"
         )
     if not args.skip_peer and args.peer.exists():
         p = peer(path, args.peer)
