@@ -29,10 +29,11 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-MODES = ("auto", "fp32", "vector")
-# "vector": auto with AMX tiles switched off, so an AMX CPU runs every product on the
-# int16 vector kernel the other CPUs run (on those, the same as auto): which path an
-# AMX CPU should take is a measurement, made with --modes auto,vector
+MODES = ("auto", "fp32", "vector", "int8")
+# "vector" and "int8": auto with AMX-BF16 tiles switched off, so an AMX CPU runs the
+# int16 vector kernel the other CPUs run, for every row count ("vector") or with its
+# many-row products on AMX-INT8 tiles ("int8", the same bits): which path an AMX CPU
+# should take is a measurement, made with --modes auto,vector,int8 (native.choose_products)
 DECODE_PROMPT = 32  # tokens per prompt for the decode runs
 REPEATS = 3
 BATCH = 8
@@ -100,12 +101,12 @@ def measure(model: str, mode: str, prompt_tokens: int, tokens: int) -> Result:
     from accordion.loader.model import load_model
 
     torch.manual_seed(0)
-    weights = "auto" if mode == "vector" else mode
-    if mode == "vector":
+    weights = "auto" if mode in ("vector", "int8") else mode
+    if mode in ("vector", "int8"):
         from accordion import native
 
         native.available()  # loads the ops
-        torch.ops.accordion.qmatmul_amx(False)
+        print(f"{mode}: quantized products on {native.choose_products(mode)}", flush=True)
     before = rss_mib()
     loaded = load_model(model, weights)
     load_s, rss = loaded.load_seconds, rss_mib()

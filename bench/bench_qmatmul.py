@@ -6,8 +6,9 @@ For each of one block's products (fused Q/K/V, O, fused gate/up, down) and the o
 head, and each activation row count: the median time of accordion's qmatmul on the
 file's blocks, and of F.linear on a bf16 matrix of the same shape (oneDNN's GEMM, what
 the bf16-copy design ran), in turn in one process, as GMAC/s and their ratio; and at
-one row the bytes of weights read per second, which bounds decode. Which kernel the
-products take (AMX-BF16 tiles or the int16 vectors) depends on the CPU and is printed.
+one row the bytes of weights read per second, which bounds decode. Which code the
+products take (--products: AMX-BF16 tiles, the int16 vectors, with AMX-INT8 tiles at
+many rows) depends on the CPU and the choice, and is printed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from accordion import native
 from accordion.loader.model import load_model
 from accordion.models.quant import kernel_cols
 
@@ -40,14 +42,16 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--rows", default="1,8,512", help="activation row counts")
     ap.add_argument("--block", type=int, default=1, help="which decoder block's matrices")
-    ap.add_argument("--vector", action="store_true", help="AMX CPUs: the vector kernel, not tiles")
+    ap.add_argument(
+        "--products", default="auto", choices=native.PRODUCTS, help="see native.choose_products"
+    )
     a = ap.parse_args()
     decoder = load_model(a.model, "auto").decoder
     w = decoder.blocks[a.block].w
     linears = {"qkv": w.qkv, "o": w.o, "gate_up": w.gate_up, "down": w.down}
     linears["head"] = decoder.lm_head
-    tiles = torch.ops.accordion.qmatmul_amx(not a.vector)
-    print(f"{a.model}, block {a.block}: {'AMX-BF16 tiles' if tiles else 'int16 vectors'}")
+    native.available()
+    print(f"{a.model}, block {a.block}: {native.choose_products(a.products)}")
     print("| matrix | types (block bytes) | N x K | rows | accordion ms | GMAC/s | bf16 GEMM ms"
           " | GMAC/s | ratio | weights GB/s |")  # fmt: skip
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,31 @@ pytestmark = pytest.mark.skipif(
 def test_native_ops_build_and_load() -> None:
     assert native.available(), "block.cpp did not build or load: see the logged compiler error"
     assert native.library_path().exists()
+
+
+def test_the_products_choice_is_checked_and_applied() -> None:
+    """native.choose_products (and ACCORDION_PRODUCTS, for a process) picks the code of
+    the quantized products; a name it does not know is an error, not the default."""
+    assert native.available()
+    with pytest.raises(ValueError, match="one of auto, vector, int8"):
+        native.choose_products("fastest")
+    try:
+        assert native.choose_products("vector") == "int16 vectors"
+        assert not native.amx_tiles()
+        int8 = native.choose_products("int8")
+        assert int8 == (
+            "int16 vectors + int8 tiles" if native.cpu_has("amx_int8") else "int16 vectors"
+        )
+    finally:
+        native.choose_products("auto")
+    assert native.amx_tiles() == native.cpu_has("amx_bf16")
+    script = "from accordion import native; native.available(); print(native.amx_tiles())"
+    env = {**os.environ, "ACCORDION_PRODUCTS": "vector"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]
+    env["ACCORDION_PRODUCTS"] = "fastest"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "one of auto, vector, int8, not 'fastest'" in done.stderr
 
 
 @pytest.mark.parametrize("arch", list(TINY_SPECS))

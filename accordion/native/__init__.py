@@ -23,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -62,11 +63,14 @@ def _link_flags() -> list[str]:
     return ["-shared", "-fopenmp", f"-L{lib}", f"-Wl,-rpath,{lib}", *libs]
 
 
-def library_path() -> Path:
-    """Where the library for these sources on this machine lives:
-    accordion-<machine>-<sources>.so."""
-    sources = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS))
-    name = f"accordion-{_machine_key()}-{sources.hexdigest()[:12]}.so"
+def library_path(
+    sources: Sequence[Path] = tuple(SOURCES), flags: Sequence[str] = (), stem: str = "accordion"
+) -> Path:
+    """Where the library of `sources` (compiled with `flags` besides the usual) on
+    this machine lives: <stem>-<machine>-<sources and flags>.so."""
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in [*sources, *HEADERS]))
+    digest.update(" ".join(flags).encode())
+    name = f"{stem}-{_machine_key()}-{digest.hexdigest()[:12]}.so"
     return cache_root() / "native" / name
 
 
@@ -94,9 +98,12 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def build() -> Path:
-    """Compile the sources unless already built; raises RuntimeError on failure."""
-    out = library_path()
+def build(
+    sources: Sequence[Path] = tuple(SOURCES), flags: Sequence[str] = (), stem: str = "accordion"
+) -> Path:
+    """Compile the sources unless already built; raises RuntimeError on failure.
+    Tests build variants (other sources, flags and stem) beside the library."""
+    out = library_path(sources, flags, stem)
     if out.exists():
         return out
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -105,14 +112,14 @@ def build() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     # unique names, then an atomic rename: concurrent builders never see half a file
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        objects = [str(Path(tmp) / f"{source.stem}.o") for source in SOURCES]
+        objects = [str(Path(tmp) / f"{source.stem}.o") for source in sources]
         jobs = [  # one compiler per source, side by side
             subprocess.Popen(
-                [compiler, "-c", str(source), "-o", obj, *_compile_flags()],
+                [compiler, "-c", str(source), "-o", obj, *_compile_flags(), *flags],
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            for source, obj in zip(SOURCES, objects, strict=True)
+            for source, obj in zip(sources, objects, strict=True)
         ]
         # read each compiler's stderr to its end before its exit status: waiting first
         # hangs once an error report fills the pipe
@@ -127,16 +134,36 @@ def build() -> Path:
         if errors:
             raise RuntimeError(f"compiling the native ops failed:\n{errors[0][-2000:]}")
         os.replace(library, out)
-    for old in out.parent.glob(f"accordion-{_machine_key()}-*.so"):  # older sources' builds
+    for old in out.parent.glob(f"{stem}-{_machine_key()}-*.so"):  # older sources' builds
         if old != out:
             old.unlink(missing_ok=True)  # a process that mapped it keeps its copy
     return out
 
 
+PRODUCTS = ("auto", "vector", "int8")
+_products = ["auto"]  # the choice in force
+
+
+def choose_products(kind: str) -> str:
+    """Which code takes the quantized products, returning what takes them now:
+    "auto" is AMX-BF16 tiles for every row count where the CPU has them, else the
+    int16 vectors; "vector" the vectors everywhere; "int8" the vectors for a decode
+    step's few rows and AMX-INT8 tiles for more, the same bits (qmatmul.cpp). Which
+    an AMX CPU should take is a measurement (bench_foundation --modes auto,int8);
+    ACCORDION_PRODUCTS sets it for a process."""
+    if kind not in PRODUCTS:
+        raise ValueError(f"products: one of {', '.join(PRODUCTS)}, not {kind!r}")
+    _products[0] = kind
+    ops = torch.ops.accordion
+    bf16 = bool(ops.qmatmul_amx(kind == "auto"))
+    int8 = bool(ops.qmatmul_int8_tiles(kind == "int8"))
+    return "bf16 tiles" if bf16 else "int16 vectors + int8 tiles" if int8 else "int16 vectors"
+
+
 def amx_tiles() -> bool:
-    """Whether quantized products run on AMX-BF16 tiles on this CPU (qmatmul_amx.cpp),
-    every row count alike; otherwise on qmatmul.cpp's int16 vectors."""
-    return available() and bool(torch.ops.accordion.qmatmul_amx(True))
+    """Whether quantized products run on AMX-BF16 tiles (qmatmul_amx.cpp), every row
+    count alike; otherwise on qmatmul.cpp's int16 vectors (and their int8 tiles)."""
+    return available() and choose_products(_products[0]) == "bf16 tiles"
 
 
 def available() -> bool:
@@ -147,6 +174,7 @@ def available() -> bool:
             try:
                 torch.ops.load_library(str(build()))
                 _state["ok"] = True
+                choose_products(os.environ.get("ACCORDION_PRODUCTS", "auto"))
             except (RuntimeError, OSError) as e:
                 log.warning("native ops unavailable, using the Python path: %s", e)
     return _state["ok"]

@@ -59,9 +59,11 @@ struct Act {
   XBlock* row(int64_t r) { return x.data() + r * blocks; }
 };
 
-inline void quantize(const float* x, int64_t rows, int64_t k, Act& a) {
+// rows of x into a; pad > 1 allocates a multiple of pad rows, zeros past the last
+// (a tile of activation rows reads whole tiles)
+inline void quantize(const float* x, int64_t rows, int64_t k, Act& a, int64_t pad = 1) {
   a.blocks = k / 32;
-  a.x.assign(rows * a.blocks, XBlock{});
+  a.x.assign((rows + pad - 1) / pad * pad * a.blocks, XBlock{});
   auto rows_from = [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t b = 0; b < a.blocks; ++b) {

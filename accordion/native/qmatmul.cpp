@@ -8,10 +8,12 @@
 // Here is the vector code: lanes across 16 weight rows, the weights of 16 rows
 // decoded and transposed so that each activation quad is broadcast against all
 // of them. Few activation rows stream each decoded pair of blocks; many reuse a
-// panel decoded once for the whole row. CPUs with AMX-BF16 take every quantized
-// product on tiles instead (qmatmul_amx.cpp: bf16 operands, float32 sums), for
-// every row count, so each CPU still has one arithmetic. F32, F16 and BF16 weights
-// take float32 activations through FMAs, each row's sum in a fixed order too.
+// panel decoded once for the whole row; on AMX-INT8 CPUs, when chosen, those take
+// tiles that sum the same integers (panel_tiles: the same bits). CPUs with AMX-BF16
+// take every quantized product on tiles by default instead (qmatmul_amx.cpp: bf16
+// operands, float32 sums), for every row count, so each CPU still has one
+// arithmetic. F32, F16 and BF16 weights take float32 activations through FMAs, each
+// row's sum in a fixed order too.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -25,6 +27,7 @@
 #include <vector>
 
 #include "activations.h"
+#include "tiles.h"
 
 using at::Tensor;
 using namespace accordion_native;
@@ -177,6 +180,34 @@ inline __m512i dpbusd_at(__m512i acc, __m512i u, const int8_t* p) {
   return dpbusd(acc, u, _mm512_set1_epi32(v));
 }
 
+// A block half's exact sums 256 sum(w h) and sum(w l) of R activation rows (lanes
+// across 16 weight rows) into acc, by the steps every quantized output element
+// follows (activations.h), whichever code summed them: vectors or tiles
+template <class T, int R>
+inline void fold(const __m512i* high, const __m512i* low, __m512 ws, const XBlock* const* x,
+                 int64_t b, int half, __m512* acc) {
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const XBlock& xb = x[r][b];
+    int32_t xs = T::HALVES == 2 ? xb.sum16[half] : xb.sum16[0] + xb.sum16[1];
+    __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(high[r], 8), low[r]);
+    sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(T::ZERO * xs));
+    __m512 scale = _mm512_mul_ps(ws, _mm512_set1_ps(xb.scale));
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r]);
+  }
+}
+
+// The minimums' term of panel block pb for block b of R activation rows, after its halves
+template <class T, int R>
+inline void fold_min(const Panel& p, int64_t pb, const XBlock* const* x, int64_t b, __m512* acc) {
+  if constexpr (T::MIN) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_fmadd_ps(p.min[pb], _mm512_set1_ps(x[r][b].scaled_sum), acc[r]);
+    }
+  }
+}
+
 // Block pb of the panel against block b of R activation rows (row r's blocks at
 // x[r]), into acc. Unrolled, so that the sums and the row pointers stay in registers.
 template <class T, int R>
@@ -194,23 +225,9 @@ inline void accumulate(const Panel& p, int64_t pb, const XBlock* const* x, int64
         low[r] = dpbusd_at(low[r], w[k], x[r][b].l + 4 * k);
       }
     }
-    __m512 ws = p.scale[2 * pb + (T::HALVES == 2 ? half : 0)];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const XBlock& xb = x[r][b];
-      int32_t xs = T::HALVES == 2 ? xb.sum16[half] : xb.sum16[0] + xb.sum16[1];
-      __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(high[r], 8), low[r]);
-      sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(T::ZERO * xs));
-      __m512 scale = _mm512_mul_ps(ws, _mm512_set1_ps(xb.scale));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r]);
-    }
+    fold<T, R>(high, low, p.scale[2 * pb + (T::HALVES == 2 ? half : 0)], x, b, half, acc);
   }
-  if constexpr (T::MIN) {
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      acc[r] = _mm512_fmadd_ps(p.min[pb], _mm512_set1_ps(x[r][b].scaled_sum), acc[r]);
-    }
-  }
+  fold_min<T, R>(p, pb, x, b, acc);
 }
 
 template <int R>
@@ -228,6 +245,61 @@ void panel_rows(const Panel& p, const Act& a, int64_t r0, float* y, int64_t ldy,
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), x[r] = a.row(r0 + r);
   for (int64_t b = 0; b < a.blocks; ++b) accumulate<T, R>(p, b, x, b, acc);
   store_rows<R>(acc, y, ldy, cols);
+}
+
+// Tile registers of panel_tiles: the two sums, the activation digits h and l, the weights
+enum { HIGH_SUMS, LOW_SUMS, HIGH_DIGITS, LOW_DIGITS, WEIGHTS };
+
+// Where a thread's tile sums land for the fold
+struct TileSums {
+  alignas(64) int32_t high[16][16], low[16][16];  // [activation row][weight row]
+};
+
+// The tiles' shapes for T: a product sums a block half (QUADS quads) of 16 rows
+template <class T>
+void configure_tiles() {
+  constexpr int QUADS = 8 / T::HALVES;
+  TileConfig cfg;
+  cfg.rows[HIGH_SUMS] = cfg.rows[LOW_SUMS] = cfg.rows[HIGH_DIGITS] = cfg.rows[LOW_DIGITS] = 16;
+  cfg.colsb[HIGH_SUMS] = cfg.colsb[LOW_SUMS] = cfg.colsb[WEIGHTS] = 64;
+  cfg.colsb[HIGH_DIGITS] = cfg.colsb[LOW_DIGITS] = 4 * QUADS;
+  cfg.rows[WEIGHTS] = QUADS;
+  ACCORDION_TILE_CONFIG(&cfg);
+}
+
+// panel_rows for 16 activation rows r0.. (the Act padded to 16) on AMX-INT8 tiles:
+// a block half's sums of signed digits times unsigned weights are the very
+// integers vpdpbusd sums, then folded by the vector code's steps, so the outputs
+// are panel_rows' bits. The panel's quads across 16 rows are the weight tile's
+// layout as they are; each activation row's digits are a row of its tiles.
+template <class T>
+void panel_tiles(const Panel& p, const Act& a, int64_t r0, int rows, float* y, int64_t ldy,
+                 int cols, TileSums& s) {
+  constexpr int QUADS = 8 / T::HALVES;
+  __m512 acc[16];
+  const XBlock* x[16];
+  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps(), x[r] = a.row(r0 + r);
+  const int64_t stride = a.blocks * static_cast<int64_t>(sizeof(XBlock));
+  const __m512i *high = reinterpret_cast<const __m512i*>(s.high),
+                *low = reinterpret_cast<const __m512i*>(s.low);
+  for (int64_t b = 0; b < a.blocks; ++b) {
+    const __m512i* w = p.q.data() + (b / 2) * 16 + (b % 2) * 8;
+    for (int half = 0; half < T::HALVES; ++half) {
+      ACCORDION_TILE_ZERO(HIGH_SUMS);
+      ACCORDION_TILE_ZERO(LOW_SUMS);
+      ACCORDION_TILE_LOAD(HIGH_DIGITS, x[0][b].h + 4 * QUADS * half, stride);
+      ACCORDION_TILE_LOAD(LOW_DIGITS, x[0][b].l + 4 * QUADS * half, stride);
+      ACCORDION_TILE_LOAD(WEIGHTS, w + QUADS * half, 64);
+      ACCORDION_TILE_DPBSUD(HIGH_SUMS, HIGH_DIGITS, WEIGHTS);
+      ACCORDION_TILE_DPBSUD(LOW_SUMS, LOW_DIGITS, WEIGHTS);
+      ACCORDION_TILE_STORE(HIGH_SUMS, s.high, 64);
+      ACCORDION_TILE_STORE(LOW_SUMS, s.low, 64);
+      fold<T, 16>(high, low, p.scale[2 * b + (T::HALVES == 2 ? half : 0)], x, b, half, acc);
+    }
+    fold_min<T, 16>(p, b, x, b, acc);
+  }
+  __mmask16 mask = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(y + r * ldy, mask, acc[r]);
 }
 
 inline __m512 load_weights(const float* w, __mmask16 m) { return _mm512_maskz_loadu_ps(m, w); }
@@ -271,7 +343,7 @@ void for_tiles(int64_t m, int64_t n, Fn fn) {
 // Output columns 16g..16g+15 of one matrix for all m activation rows.
 template <class T>
 void run_group(const uint8_t* base, int64_t n, int64_t row_bytes, const Act& a, int64_t m,
-               float* out, int64_t ldy, int64_t g, Panel& panel, Staged& staged) {
+               float* out, int64_t ldy, int64_t g, Panel& panel, Staged& staged, TileSums* sums) {
   int64_t n0 = 16 * g;
   const uint8_t* rows = base + n0 * row_bytes;
   int cols = static_cast<int>(std::min<int64_t>(16, n - n0));
@@ -295,6 +367,15 @@ void run_group(const uint8_t* base, int64_t n, int64_t row_bytes, const Act& a, 
   for (int64_t b0 = 0; b0 < a.blocks; b0 += STAGED) {
     decode_range<T>(rows, row_bytes, cols, b0, std::min(STAGED, a.blocks - b0), panel, b0, staged);
   }
+  if (sums != nullptr) {  // AMX-INT8: the same bits as the vector loop below
+    configure_tiles<T>();
+    for (int64_t r0 = 0; r0 < m; r0 += 16) {
+      int count = static_cast<int>(std::min<int64_t>(16, m - r0));
+      panel_tiles<T>(panel, a, r0, count, out + r0 * ldy + n0, ldy, cols, *sums);
+    }
+    ACCORDION_TILE_RELEASE();
+    return;
+  }
   for (int64_t r0 = 0; r0 < m; r0 += MR) {
     float* y = out + r0 * ldy + n0;
     with_rows(std::min(MR, m - r0),
@@ -306,14 +387,27 @@ void run_group(const uint8_t* base, int64_t n, int64_t row_bytes, const Act& a, 
 struct GroupScratch {
   Panel panel;
   Staged staged;  // ~12 KiB of the thread's stack
+  TileSums sums;  // 2 KiB, read only by the tile code
 };
 
-void run_quantized(const std::vector<Part>& parts, const Act& a, int64_t m, float* out,
-                   int64_t ldy) {
+// Many rows on AMX-INT8 tiles: off until measured against the bf16 tiles (see
+// qmatmul_int8_tiles); the results are the vector code's either way.
+bool use_int8_tiles = false;
+
+bool int8_tiles_ready() {
+#if defined(ACCORDION_SOFT_TILES)
+  return true;
+#else
+  return INT8_TILES && amx_available();
+#endif
+}
+
+void run_quantized(const std::vector<Part>& parts, const Act& a, int64_t m, float* out, int64_t ldy,
+                   bool tiles) {
   for_groups<GroupScratch>(parts, [&](GroupScratch& sc, const Part& p, int64_t g) {
     with_type(p.block_bytes, [&](auto type) {
       run_group<decltype(type)>(p.w, p.n, p.row_bytes, a, m, out + p.col, ldy, g, sc.panel,
-                                sc.staged);
+                                sc.staged, tiles ? &sc.sums : nullptr);
     });
   });
 }
@@ -389,9 +483,10 @@ Tensor qmatmul(const Tensor& x, at::TensorList w, const std::optional<Tensor>& b
   }
   const float* xs = x.data_ptr<float>();
   if (!quantized.empty() && !(use_amx && amx_matmul(quantized, xs, m, k, y, total))) {
+    bool tiles = use_int8_tiles && m > MR && int8_tiles_ready();
     Act act;
-    quantize(xs, m, k, act);
-    run_quantized(quantized, act, m, y, total);
+    quantize(xs, m, k, act, tiles ? 16 : 1);
+    run_quantized(quantized, act, m, y, total, tiles);
   }
   if (bias.has_value()) out.add_(*bias);
   return out;
@@ -404,9 +499,23 @@ bool qmatmul_amx(bool on) {
   return on && amx_available();
 }
 
-TORCH_LIBRARY_FRAGMENT(accordion, m) {
+// Whether the vector code's products of many rows may take AMX-INT8 tiles (where
+// the CPU has them); returns whether they will. Their bits are the vector code's,
+// so decode steps keep the vectors' speed at one row while prefill takes the tiles.
+bool qmatmul_int8_tiles(bool on) {
+  use_int8_tiles = on;
+  return on && int8_tiles_ready();
+}
+
+#ifndef ACCORDION_OPS  // the ops' namespace: tests build the C++ tiles under another
+#define ACCORDION_OPS accordion
+#endif
+
+TORCH_LIBRARY_FRAGMENT(ACCORDION_OPS, m) {
   m.def("qmatmul(Tensor x, Tensor[] w, Tensor? bias) -> Tensor");
   m.def("qmatmul_amx(bool on) -> bool");
+  m.def("qmatmul_int8_tiles(bool on) -> bool");
   m.impl("qmatmul_amx", c10::DispatchKey::CatchAll, &qmatmul_amx);
+  m.impl("qmatmul_int8_tiles", c10::DispatchKey::CatchAll, &qmatmul_int8_tiles);
   m.impl("qmatmul", c10::DispatchKey::CompositeImplicitAutograd, &qmatmul);
 }
