@@ -27,6 +27,26 @@ def test_native_ops_build_and_load() -> None:
     assert native.library_path().exists()
 
 
+def test_the_amx_code_compiles_on_any_cpu(tmp_path: Path) -> None:
+    """The AMX code compiles only where -march=native has AMX: built here with the
+    AMX flags (compiled, never run), a CPU without AMX still catches its compile
+    and assembler errors, such as a tile register the intrinsics cannot name."""
+    here = Path(native.__file__).parent
+    amx = ["-O1", "-mamx-tile", "-mamx-int8", "-mamx-bf16", "-mavx512bf16"]
+    jobs = [
+        subprocess.Popen(
+            ["g++", "-c", str(here / f"{name}.cpp"), "-o", str(tmp_path / f"{name}.o")]
+            + native._compile_flags()
+            + amx,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("qmatmul", "qmatmul_amx", "attention")
+    ]
+    reports = [job.communicate()[1] for job in jobs]
+    assert all(job.returncode == 0 for job in jobs), "\n".join(reports)[-3000:]
+
+
 def test_the_products_choice_is_checked_and_applied() -> None:
     """native.choose_products (and ACCORDION_PRODUCTS, for a process) picks the code of
     the quantized products; a name it does not know is an error, not the default."""

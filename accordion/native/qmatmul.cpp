@@ -247,8 +247,14 @@ void panel_rows(const Panel& p, const Act& a, int64_t r0, float* y, int64_t ldy,
   store_rows<R>(acc, y, ldy, cols);
 }
 
-// Tile registers of panel_tiles: the two sums, the activation digits h and l, the weights
-enum { HIGH_SUMS, LOW_SUMS, HIGH_DIGITS, LOW_DIGITS, WEIGHTS };
+// Tile registers of panel_tiles: the two sums, the activation digits h and l, the
+// weights. Macros of plain numbers: the tile intrinsics paste their register
+// numbers into the instruction's text, where a constant's name is no register.
+#define HIGH_SUMS 0
+#define LOW_SUMS 1
+#define HIGH_DIGITS 2
+#define LOW_DIGITS 3
+#define WEIGHTS 4
 
 // Where a thread's tile sums land for the fold
 struct TileSums {
@@ -301,6 +307,11 @@ void panel_tiles(const Panel& p, const Act& a, int64_t r0, int rows, float* y, i
   __mmask16 mask = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
   for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(y + r * ldy, mask, acc[r]);
 }
+#undef HIGH_SUMS
+#undef LOW_SUMS
+#undef HIGH_DIGITS
+#undef LOW_DIGITS
+#undef WEIGHTS
 
 inline __m512 load_weights(const float* w, __mmask16 m) { return _mm512_maskz_loadu_ps(m, w); }
 

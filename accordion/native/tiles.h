@@ -85,7 +85,13 @@ constexpr bool INT8_TILES = true;
 #define ACCORDION_TILE_CONFIG(cfg) _tile_loadconfig(cfg)
 #define ACCORDION_TILE_RELEASE() _tile_release()
 #define ACCORDION_TILE_ZERO(t) _tile_zero(t)
-#define ACCORDION_TILE_LOAD(t, p, stride) _tile_loadd(t, p, stride)
+// tileloadd's intrinsic tells the compiler of no memory read: the barrier keeps the
+// stores of what it loads before it
+#define ACCORDION_TILE_LOAD(t, p, stride) \
+  do {                                    \
+    __asm__ volatile("" ::: "memory");    \
+    _tile_loadd(t, p, stride);            \
+  } while (0)
 #define ACCORDION_TILE_STORE(t, p, stride) _tile_stored(t, p, stride)
 #define ACCORDION_TILE_DPBSUD(c, a, b) _tile_dpbsud(c, a, b)
 
