@@ -180,12 +180,14 @@ inline __m512i dpbusd_at(__m512i acc, __m512i u, const int8_t* p) {
   return dpbusd(acc, u, _mm512_set1_epi32(v));
 }
 
-// A block half's exact sums 256 sum(w h) and sum(w l) of R activation rows (lanes
-// across 16 weight rows) into acc, by the steps every quantized output element
-// follows (activations.h), whichever code summed them: vectors or tiles
+// A half of panel block pb: its exact sums 256 sum(w h) and sum(w l) against block b
+// of R activation rows (lanes across 16 weight rows) into acc, by the steps every
+// quantized output element follows (activations.h), whichever code summed them:
+// vectors or tiles
 template <class T, int R>
-inline void fold(const __m512i* high, const __m512i* low, __m512 ws, const XBlock* const* x,
-                 int64_t b, int half, __m512* acc) {
+inline void fold(const __m512i* high, const __m512i* low, const Panel& p, int64_t pb,
+                 const XBlock* const* x, int64_t b, int half, __m512* acc) {
+  __m512 ws = p.scale[2 * pb + (T::HALVES == 2 ? half : 0)];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     const XBlock& xb = x[r][b];
@@ -225,7 +227,7 @@ inline void accumulate(const Panel& p, int64_t pb, const XBlock* const* x, int64
         low[r] = dpbusd_at(low[r], w[k], x[r][b].l + 4 * k);
       }
     }
-    fold<T, R>(high, low, p.scale[2 * pb + (T::HALVES == 2 ? half : 0)], x, b, half, acc);
+    fold<T, R>(high, low, p, pb, x, b, half, acc);
   }
   fold_min<T, R>(p, pb, x, b, acc);
 }
@@ -300,7 +302,7 @@ void panel_tiles(const Panel& p, const Act& a, int64_t r0, int rows, float* y, i
       ACCORDION_TILE_DPBSUD(LOW_SUMS, LOW_DIGITS, WEIGHTS);
       ACCORDION_TILE_STORE(HIGH_SUMS, s.high, 64);
       ACCORDION_TILE_STORE(LOW_SUMS, s.low, 64);
-      fold<T, 16>(high, low, p.scale[2 * b + (T::HALVES == 2 ? half : 0)], x, b, half, acc);
+      fold<T, 16>(high, low, p, b, x, b, half, acc);
     }
     fold_min<T, 16>(p, b, x, b, acc);
   }
