@@ -218,20 +218,18 @@ def int8_tile_ops(request: pytest.FixtureRequest) -> Iterator[object]:
     on every CPU, and this CPU's own where it has AMX-INT8."""
     if not native.available():
         pytest.skip("native ops unavailable")
-    if request.param == "cpu":
-        ops = torch.ops.accordion
-        if not ops.qmatmul_int8_tiles(True):
-            ops.qmatmul_int8_tiles(False)
+    if request.param == "cpu":  # bf16 tiles off: the vector code, whose products these are
+        if native.choose_products("int8") != "int16 vectors + int8 tiles":
+            native.choose_products("auto")
             pytest.skip("no AMX-INT8 on this CPU")
-    else:
-        here = Path(native.__file__).parent
-        sources = [here / "qmatmul.cpp", here / "qmatmul_amx.cpp"]
-        torch.ops.load_library(str(native.build(sources, SOFT_TILES, "accordion_soft_tiles")))
-        ops = torch.ops.accordion_soft
-    ops.qmatmul_amx(False)  # bf16 tiles off: the vector code, whose products these are
-    yield ops
-    ops.qmatmul_int8_tiles(False)
-    ops.qmatmul_amx(True)  # the suite's default, "auto"
+        yield torch.ops.accordion
+        native.choose_products("auto")  # the suite's default
+        return
+    here = Path(native.__file__).parent
+    sources = [here / "qmatmul.cpp", here / "qmatmul_amx.cpp"]
+    torch.ops.load_library(str(native.build(sources, SOFT_TILES, "accordion_soft_tiles")))
+    torch.ops.accordion_soft.qmatmul_amx(False)  # its own switches, as above
+    yield torch.ops.accordion_soft
 
 
 @pytest.mark.parametrize("qtype", [t for t in TYPES if t not in (Q.F16, Q.BF16, Q.F32)])
