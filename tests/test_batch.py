@@ -280,6 +280,29 @@ def test_ctrl_c_stops_cleanly_and_cancel_stops_a_running_job(tmp_path: Path) -> 
     assert progress.state == "finished" and len(answers(out)) == n
 
 
+def test_status_list_and_cancel_answer_without_loading_the_engine(tmp_path: Path) -> None:
+    # they read and write the job store: a user's `batch status` waits for no torch import
+    code = (
+        "import sys\n"
+        "from accordion.cli.main import app\n"
+        "for args in (['batch', 'list'], ['batch', 'status', sys.argv[1]],"
+        " ['batch', 'cancel', sys.argv[1]]):\n"
+        "    try:\n"
+        "        app(args)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('engine loaded' if 'torch' in sys.modules else 'store only')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "no-job")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "no batch job at" in done.stderr  # status and cancel ran, and said why not
+    assert done.stdout.splitlines()[-1] == "store only", done.stdout
+
+
 # -- memory pressure -------------------------------------------------------------------------
 def test_a_budget_for_two_sequences_slows_the_job_down_but_it_finishes(tmp_path: Path) -> None:
     # the first two (the plan's measurements) are short; the rest are long, so the plan
@@ -415,7 +438,8 @@ def test_conversation_mode_cuts_chunks_that_fit_and_resumes_inside_one(tmp_path:
 # and the test's prompt of that size took most of its time.)
 @pytest.mark.parametrize(("name", "budget"), [("smollm2", 3 * 2**20), ("gemma3", 32 * 2**20)])
 def test_probe_measures_what_the_pool_holds(name: str, budget: int) -> None:
-    from accordion.batch.probe import MARGIN, Shape, probe
+    from accordion.batch.plan import MARGIN, Shape
+    from accordion.batch.probe import probe
     from accordion.engine.engine import Engine, EngineConfig
     from accordion.errors import RequestTooLargeError
     from accordion.loader.model import load_model

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from accordion.batch.lines import CHAT, Line, parse, read
-from accordion.batch.probe import MARGIN
+from accordion.batch.plan import MARGIN
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

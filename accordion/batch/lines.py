@@ -17,17 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from accordion.api import openai_bodies
 from accordion.errors import InvalidRequestError
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
-BODIES: dict[str, type[BaseModel]] = {
-    CHAT: openai_bodies.ChatBody,
-    COMPLETIONS: openai_bodies.CompletionBody,
-    EMBEDDINGS: openai_bodies.EmbeddingsBody,
-}
+URLS = (CHAT, COMPLETIONS, EMBEDDINGS)
 FULL_KEYS = {"custom_id", "method", "url", "body"}
 MAX_ID = 512  # characters of a custom_id
 
@@ -108,8 +103,8 @@ def _full(doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if doc.get("method", "POST") != "POST":
         raise InvalidRequestError(f"method must be POST, got {doc.get('method')!r}")
     url = doc.get("url")
-    if url not in BODIES:
-        raise InvalidRequestError(f"url must be one of {', '.join(BODIES)}, got {url!r}")
+    if url not in URLS:
+        raise InvalidRequestError(f"url must be one of {', '.join(URLS)}, got {url!r}")
     if not isinstance(doc.get("body"), dict):
         raise InvalidRequestError("body must be a JSON object")
     return url, dict(doc["body"])
@@ -145,9 +140,18 @@ def _with_defaults(url: str, body: dict[str, Any], defaults: Defaults) -> dict[s
 
 def check(url: str, body: dict[str, Any]) -> None:
     """Everything the route checks before it loads a model, without loading one."""
+    # the route's own models, imported here: they bring the server and torch, which
+    # `batch status`, `list` and `cancel` (reads and writes of the job store) do without
+    from accordion.api import openai_bodies
+
     if "model" not in body:
         raise InvalidRequestError("no model: give the body a model or the job --model")
-    parsed = BODIES[url].model_validate(body)
+    bodies = {
+        CHAT: openai_bodies.ChatBody,
+        COMPLETIONS: openai_bodies.CompletionBody,
+        EMBEDDINGS: openai_bodies.EmbeddingsBody,
+    }
+    parsed = bodies[url].model_validate(body)
     if url == EMBEDDINGS:
         assert isinstance(parsed, openai_bodies.EmbeddingsBody)
         openai_bodies.embedding_texts(parsed.input)

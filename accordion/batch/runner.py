@@ -28,7 +28,7 @@ from typing import Any
 from accordion.batch.conversation import Conversation
 from accordion.batch.job import Job, Scan, Settings
 from accordion.batch.lines import Line, parse, read
-from accordion.batch.probe import Shape, plan
+from accordion.batch.plan import Shape, plan
 from accordion.batch.store import Result, Sink
 from accordion.batch.target import Reply, Target
 
@@ -257,7 +257,7 @@ class Runner:
 
     # -- capacity ----------------------------------------------------------------------
     def _plan(self, stats: dict[str, Any] | None, shared: int) -> None:
-        """In flight: what probe.plan fits in the KV budget for requests of the sizes seen
+        """In flight: what plan.plan fits in the KV budget for requests of the sizes seen
         so far, the shared prefix held once (8 without numbers)."""
         p, cap = self.progress, self._cap()
         limit = min(cap, 8)

@@ -292,7 +292,8 @@ def probe_command(
     """Measure a model's KV memory and speed, and plan a batch job's shape."""
     from rich.table import Table
 
-    from accordion.batch.probe import Shape, probe
+    from accordion.batch.plan import Shape
+    from accordion.batch.probe import probe
 
     shape = Shape(system_tokens, message_tokens, answer_tokens, requests)
     result = probe(model, parse_bytes(budget) if budget else None, shape)
