@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from accordion import heap
 from accordion.engine.engine import Engine, EngineConfig
 from accordion.engine.request import RequestHandle, RequestOutput
 from accordion.loader.bundled import DEFAULT_MODEL
@@ -28,6 +29,7 @@ class LLM:
         self.model: LoadedModel = load_model(model, weights)
         self.engine = Engine(self.model, EngineConfig(**engine))  # type: ignore[arg-type]
         self.tokenizer = self.model.tokenizer
+        heap.freeze()  # as the server does after a load: see heap.freeze
 
     def close(self) -> None:
         self.engine.stop()
