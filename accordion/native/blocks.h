@@ -31,6 +31,11 @@ inline __m256i fifth_bits(uint32_t qh) { return _mm256_maskz_mov_epi8(qh, _mm256
 
 inline uint32_t u32(const uint8_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
+// The first n of 16 lanes (all of them for n >= 16): a partial group's rows or columns
+inline __mmask16 lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
 // x[t] holds rows t, t + 4, t + 8, t + 12 in its four 128-bit lanes: per lane s, a
 // 4 x 4 transpose of rows 4s..4s+3, so that out[j] lane r = 4s + i is word j of row r
 inline void transpose_lanes4(const __m512i* x, __m512i* out) {
@@ -80,8 +85,7 @@ inline __m512i gather32(const uint8_t* base, int64_t row_bytes, int rows, int64_
   __m512i idx =
       _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                          _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
-  __mmask16 m = rows >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << rows) - 1);
-  return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, base + at, 1);
+  return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes(rows), idx, base + at, 1);
 }
 
 // ... their fp16 at byte `at`, as floats

@@ -234,7 +234,7 @@ inline void accumulate(const Panel& p, int64_t pb, const XBlock* const* x, int64
 
 template <int R>
 inline void store_rows(const __m512* acc, float* y, int64_t ldy, int cols) {
-  __mmask16 m = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  __mmask16 m = lanes(cols);
   for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * ldy, m, acc[r]);
 }
 
@@ -306,7 +306,7 @@ void panel_tiles(const Panel& p, const Act& a, int64_t r0, int rows, float* y, i
     }
     fold_min<T, 16>(p, b, x, b, acc);
   }
-  __mmask16 mask = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  __mmask16 mask = lanes(cols);
   for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(y + r * ldy, mask, acc[r]);
 }
 #undef HIGH_SUMS
@@ -331,7 +331,7 @@ void dot_float(const W* w, const float* x, int64_t r0, int64_t k, float* y, int6
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t i = 0; i < k; i += 16) {
-    __mmask16 m = k - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
+    __mmask16 m = lanes(k - i);
     __m512 wv = load_weights(w + i, m);
     for (int r = 0; r < R; ++r) {
       acc[r] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + (r0 + r) * k + i), acc[r]);

@@ -217,7 +217,7 @@ void store_tile(const float (*sums)[16], int64_t tile, int64_t m, int cols, floa
   __m512i v[16];
   for (int r = 0; r < 16; ++r) v[r] = _mm512_load_si512(sums[r]);
   transpose16(v);
-  __mmask16 mask = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  __mmask16 mask = lanes(cols);
   for (int r = 0; r < 16 && tile * 16 + r < m; ++r) {
     _mm512_mask_storeu_ps(out + (tile * 16 + r) * ldy, mask, _mm512_castsi512_ps(v[r]));
   }
