@@ -15,8 +15,14 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 from tiny_gguf import K_QUANTS, k_quant_blocks
 
 from accordion import native
+from accordion.models.head import ExactRows
 from accordion.models.linear import Linear
-from accordion.models.quant import kernel_weights, quantize_activations, reference_matmul
+from accordion.models.quant import (
+    KERNEL_BLOCKS,
+    kernel_weights,
+    quantize_activations,
+    reference_matmul,
+)
 
 Q = GGMLQuantizationType
 TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, *K_QUANTS, Q.F16, Q.BF16, Q.F32)
@@ -103,6 +109,29 @@ def test_kernel_matches_dequantized_reference(qtype: Q) -> None:
             x = torch.randn(m, cols)
             y = torch.ops.accordion.qmatmul(x, [w], None)
             assert rel_err(y, kernel_reference(x, [w])) < TOL, (qtype.name, cols, m)
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", [t for t in TYPES if t not in (Q.F16, Q.BF16, Q.F32)])
+def test_exact_rows_are_the_bits_of_gguf_decoders(qtype: Q) -> None:
+    """The embedding's and the head's exact rows (native/rows.cpp) are the float32
+    values gguf's decoders give, bit for bit, for rows in any order and repeated; for
+    blocks of random bytes too (infinite and NaN scales: NaN where gguf has NaN)."""
+    cols = cols_for(qtype)[-1]
+    quantized = np.ascontiguousarray(raw_matrix(qtype, 40, cols, seed=5)).reshape(40, -1)
+    noise = np.random.default_rng(6).integers(0, 256, quantized.shape, dtype=np.uint8)
+    ids = np.array([39, 0, 7, 7, 21])
+    for raw in (quantized, noise):
+        rows = ExactRows(raw.reshape(-1), qtype, 40, cols)
+        assert rows.block_bytes  # the native op, not gguf's decoders
+        got = rows(ids)
+        with np.errstate(all="ignore"):
+            want = quants.dequantize(raw[ids], qtype).reshape(len(ids), cols)
+        nan = np.isnan(want)
+        assert np.array_equal(np.isnan(got), nan)
+        assert np.array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+    with pytest.raises(RuntimeError, match="row id out of range"):
+        rows(np.array([40]))
 
 
 @needs_native
@@ -273,6 +302,9 @@ def test_kernel_reads_nothing_past_the_last_row(qtype: Q) -> None:
             assert (
                 rel_err(torch.ops.accordion.qmatmul(x, [w], None), kernel_reference(x, [w])) < TOL
             )
+        if qtype in KERNEL_BLOCKS:  # the last row, as the embedding and the head read it
+            last = ExactRows(view, qtype, 16, cols_for(qtype)[0])(np.array([15]))
+            assert np.array_equal(last, quants.dequantize(raw.reshape(16, -1)[15:], qtype))
         del w, view
     finally:
         libc.mprotect(ctypes.c_void_p(base + pages * page), page, 3)  # read and write again

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 
-from accordion.models.quant import dequantize
+from accordion import native
+from accordion.models.quant import KERNEL_BLOCKS, Q, dequantize
 
 # Logit units. On the prose of tests/test_models.py the fast logits of the leading
 # tokens differ from float32 by at most 0.33 (SmolLM2) and 0.50 (Gemma 3). The true
@@ -25,14 +27,26 @@ MARGIN = 2.0
 
 class ExactRows:
     """Rows of a matrix dequantized on demand from the file's own bytes: the
-    embedding lookup, and the output head's leaders."""
+    embedding lookup, and the output head's leaders. The native op (native/rows.cpp)
+    gives gguf's decoders' bits without their fixed ~100 us a call; other types, and
+    a process without native ops, take those decoders."""
 
     def __init__(self, raw: np.ndarray, ggml_type: int, rows: int, cols: int) -> None:
         self.raw = raw.reshape(rows, -1)  # one row's blocks per line (a view of the map)
         self.ggml_type, self.cols = ggml_type, cols
+        self.block_bytes = 0  # the native op's type, by its block size; 0: gguf's decoders
+        if ggml_type in KERNEL_BLOCKS and native.available():
+            self.block_bytes = GGML_QUANT_SIZES[Q(ggml_type)][1]
+            self.bytes = torch.from_numpy(self.raw)  # a view, as the kernel's weights are
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         """float32 [len(ids), cols]."""
+        if self.block_bytes:
+            picked = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+            rows = torch.ops.accordion.dequantize_rows(
+                self.bytes, picked, self.block_bytes, self.cols
+            )
+            return rows.numpy()
         return dequantize(self.raw[ids], self.ggml_type, (len(ids), self.cols))
 
     def nbytes(self) -> int:

@@ -3,8 +3,9 @@
 `qmatmul.cpp` is the one matrix kernel, over the GGUF file's own blocks
 (`blocks.h`, `activations.h`), with `qmatmul_amx.cpp` its AMX tiles;
 `block.cpp` holds a transformer block's work around attention as two ops and
-`attention.cpp` the paged attention of every query token, and `stack.cpp` runs a
-step's blocks through those in one call (see their headers).
+`attention.cpp` the paged attention of every query token, `stack.cpp` runs a
+step's blocks through those in one call, and `rows.cpp` decodes whole rows for the
+embedding and the head's leaders (see their headers).
 They are compiled with the machine's g++ against the installed torch the first
 time they are wanted (about 20 s, one compiler per file), cached under the
 accordion cache directory by a hash of the sources,
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [
     Path(__file__).with_name(f"{name}.cpp")
-    for name in ("block", "attention", "qmatmul", "qmatmul_amx", "stack")
+    for name in ("block", "attention", "qmatmul", "qmatmul_amx", "rows", "stack")
 ]
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 _state: dict[str, bool] = {}
