@@ -15,7 +15,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 from tiny_gguf import K_QUANTS, k_quant_blocks
 
 from accordion import native
-from accordion.models.head import ExactRows
+from accordion.models.head import ExactRows, rescore
 from accordion.models.linear import Linear
 from accordion.models.quant import (
     KERNEL_BLOCKS,
@@ -132,6 +132,37 @@ def test_exact_rows_are_the_bits_of_gguf_decoders(qtype: Q) -> None:
         assert np.array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
     with pytest.raises(RuntimeError, match="row id out of range"):
         rows(np.array([40]))
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", [t for t in TYPES if t not in (Q.F16, Q.BF16, Q.F32)])
+def test_native_rescore_is_numpys_each_row_alone(qtype: Q) -> None:
+    """The head's second pass natively (native/rows.cpp) recomputes the logits numpy's
+    does (those within MARGIN of their row's maximum: no more, no fewer), to float32
+    rounding, and leaves every other logit's bits; each row's result is the same
+    rescored alone or with others; a row with a NaN is left as it is; a row of -inf
+    (every logit a leader) is rescored whole, as numpy's is, vocabulary of 40 and all."""
+    cols = cols_for(qtype)[-1]
+    raw = np.ascontiguousarray(raw_matrix(qtype, 40, cols, seed=8)).reshape(-1)
+    native_rows, numpy_rows = ExactRows(raw, qtype, 40, cols), ExactRows(raw, qtype, 40, cols)
+    numpy_rows.block_bytes = 0  # gguf's decoders and numpy, as without native ops
+    gen = torch.Generator().manual_seed(9)
+    hidden = torch.randn(5, cols, generator=gen)
+    logits = torch.randn(5, 40, generator=gen) * 2  # several leaders a row
+    logits[3, 11] = float("nan")
+    logits[4] = -float("inf")
+    ours, theirs = logits.clone(), logits.clone()
+    rescore(ours, hidden, native_rows)
+    rescore(theirs, hidden, numpy_rows)
+    changed = ~((theirs == logits) | (theirs.isnan() & logits.isnan()))
+    assert changed[:3].any(dim=1).all() and changed[4].all() and not changed[3].any()
+    same = ~changed
+    assert torch.equal(ours[same].view(torch.int32), logits[same].view(torch.int32))
+    torch.testing.assert_close(ours[changed], theirs[changed], rtol=1e-5, atol=1e-5)
+    for r in range(5):
+        alone = logits[r : r + 1].clone()
+        rescore(alone, hidden[r : r + 1], native_rows)
+        assert torch.equal(alone.view(torch.int32), ours[r : r + 1].view(torch.int32))
 
 
 @needs_native
