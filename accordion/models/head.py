@@ -1,13 +1,13 @@
 """Logits: a fast pass over the vocabulary, then the leaders recomputed exactly.
 
-The fast pass (native/qmatmul.cpp) rounds the hidden state to int8 per block of
-32: near a logit of 20 that moves a logit by up to a few tenths, enough to swap
-two near-tied tokens. So every token whose fast logit is within
-MARGIN of its row's fast maximum is recomputed in float32, from the float32
-hidden state and the weights as the file stores them (a few rows dequantized
-per step). The argmax is then the one float32 arithmetic gives; the other
-logits keep their fast values, whose error is far below what sampling at any
-useful temperature can tell apart.
+The fast pass (native/qmatmul.cpp) rounds the hidden state: to bf16 on AMX
+tiles, where near a logit of 20 that moves a logit by up to a few tenths, enough to
+swap two near-tied tokens, and to int16 per block of 32 on the vector code. So
+every token whose fast logit is within MARGIN of its row's fast maximum is
+recomputed in float32, from the float32 hidden state and the weights as the file
+stores them (a few rows dequantized per step). The argmax is then the one float32
+arithmetic gives; the other logits keep their fast values, whose error is far
+below what sampling at any useful temperature can tell apart.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ MARGIN = 2.0
 class ExactRows:
     """Rows of a matrix dequantized on demand from the file's own bytes: the
     embedding lookup, and the output head's leaders. The native op (native/rows.cpp)
-    gives gguf's decoders' bits without their fixed ~100 us a call; other types, and
-    a process without native ops, take those decoders."""
+    gives gguf's decoders' bits without their fixed cost (~20 us a call warm, several
+    times that in a decode step); other types, and a process without native ops,
+    take those decoders."""
 
     def __init__(self, raw: np.ndarray, ggml_type: int, rows: int, cols: int) -> None:
         self.raw = raw.reshape(rows, -1)  # one row's blocks per line (a view of the map)
