@@ -13,6 +13,7 @@ from conftest import contiguous_logits
 
 from accordion import LLM, SamplingParams
 from accordion.engine.engine import Engine, EngineConfig
+from accordion.errors import InvalidRequestError
 from accordion.errors import RequestTooLargeError
 from accordion.loader.model import LoadedModel, load_model
 
@@ -130,6 +131,19 @@ def test_shared_system_prompt_is_evaluated_once_for_twenty_requests(tiny_dir: Pa
 @pytest.fixture(scope="module")
 def smollm2() -> LLM:
     return LLM("smollm2")
+
+
+def test_prompt_ids_outside_the_vocabulary_are_refused_at_submit(smollm2: LLM) -> None:
+    """Token ids given as the prompt (the offline API, batch lines) are checked when
+    submitted: an id past the vocabulary or a negative one (which an array lookup would
+    wrap around to another token) is the caller's error, before any step runs."""
+    vocab = smollm2.model.config.vocab_size
+    for bad in ([1, vocab], [-1, 5]):
+        with pytest.raises(InvalidRequestError, match=r"prompt token ids must be in \[0, "):
+            smollm2.submit(bad)
+    assert not smollm2.engine.has_work()
+    edge = smollm2.submit([1, vocab - 1], SamplingParams(max_tokens=1)).result()
+    assert edge.error is None and edge.finish_reason in ("stop", "length")
 
 
 def test_turn_two_evaluates_only_what_follows_the_cached_prefix(smollm2: LLM) -> None:
