@@ -13,8 +13,7 @@ from conftest import contiguous_logits
 
 from accordion import LLM, SamplingParams
 from accordion.engine.engine import Engine, EngineConfig
-from accordion.errors import InvalidRequestError
-from accordion.errors import RequestTooLargeError
+from accordion.errors import InvalidRequestError, RequestTooLargeError
 from accordion.loader.model import LoadedModel, load_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, repeat_penalty=1.0)
