@@ -66,7 +66,7 @@ def context_of(
             f"prompt has {len(prompt_ids)} tokens but the context limit is {limit}"
         )
     vocab = model.config.vocab_size
-    if not all(0 <= t < vocab for t in prompt_ids):  # else a row past the embedding's, or
+    if any(not 0 <= t < vocab for t in prompt_ids):  # else a row past the embedding's, or
         # a negative id numpy would wrap around to another token's row
         raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
     if any(not 0 <= t < vocab for t in params.logit_bias):

@@ -1,10 +1,13 @@
 // What the matrix kernels share (qmatmul.cpp, qmatmul_amx.cpp): the vector code's
 // activations quantized to int16 per block of 32 and held as two int8 digits, the
 // exact u8 x s8 products and the one arithmetic its quantized output elements
-// follow; the parts of a product, the loop over their groups, the tile config.
+// follow; the parts of a product, the loop over their groups, the tile config; and
+// the float32 dot of float weights (also rows.cpp's exact logits).
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include <cstdint>
@@ -170,5 +173,33 @@ struct alignas(64) TileConfig {
 bool amx_matmul(const std::vector<Part>& parts, const float* x, int64_t m, int64_t k, float* out,
                 int64_t ldy);
 bool amx_available();
+
+inline __m512 load_weights(const float* w, __mmask16 m) { return _mm512_maskz_loadu_ps(m, w); }
+
+inline __m512 load_weights(const at::Half* w, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w));
+}
+
+inline __m512 load_weights(const at::BFloat16* w, __mmask16 m) {
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// y[r * ldy] = the float32 dot of weight row w (float, float16 or bfloat16) with
+// activation row r0 + r of x [., k], for R rows: 16 lanes of FMAs along k, then
+// _mm512_reduce_add_ps's fixed tree, so each sum has one order whatever calls it
+template <class W, int R>
+inline void dot_float(const W* w, const float* x, int64_t r0, int64_t k, float* y, int64_t ldy) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    __mmask16 m = lanes(k - i);
+    __m512 wv = load_weights(w + i, m);
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + (r0 + r) * k + i), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = _mm512_reduce_add_ps(acc[r]);
+}
 
 }  // namespace accordion_native

@@ -315,31 +315,6 @@ void panel_tiles(const Panel& p, const Act& a, int64_t r0, int rows, float* y, i
 #undef LOW_DIGITS
 #undef WEIGHTS
 
-inline __m512 load_weights(const float* w, __mmask16 m) { return _mm512_maskz_loadu_ps(m, w); }
-
-inline __m512 load_weights(const at::Half* w, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w));
-}
-
-inline __m512 load_weights(const at::BFloat16* w, __mmask16 m) {
-  __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-template <class W, int R>
-void dot_float(const W* w, const float* x, int64_t r0, int64_t k, float* y, int64_t ldy) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; i += 16) {
-    __mmask16 m = lanes(k - i);
-    __m512 wv = load_weights(w + i, m);
-    for (int r = 0; r < R; ++r) {
-      acc[r] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + (r0 + r) * k + i), acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) y[r * ldy] = _mm512_reduce_add_ps(acc[r]);
-}
-
 // Every (activation row, weight row) of one matrix: weight rows split over the
 // threads, activation rows in tiles of MR; out[:, col:col + n].
 template <class Fn>
