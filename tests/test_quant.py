@@ -17,15 +17,11 @@ from tiny_gguf import K_QUANTS, k_quant_blocks
 from accordion import native
 from accordion.models.head import ExactRows, rescore
 from accordion.models.linear import Linear
-from accordion.models.quant import (
-    KERNEL_BLOCKS,
-    kernel_weights,
-    quantize_activations,
-    reference_matmul,
-)
+from accordion.models.quant import kernel_weights, quantize_activations, reference_matmul
 
 Q = GGMLQuantizationType
 TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, *K_QUANTS, Q.F16, Q.BF16, Q.F32)
+QUANTIZED = tuple(t for t in TYPES if t not in (Q.F16, Q.BF16, Q.F32))
 # |y - ref| <= TOL * max|ref|: the kernel and the float64 reference see the same
 # operands (int16-rounded activations, or both rounded to bf16 on AMX tiles); only
 # float32 sums differ (~3e-7).
@@ -112,7 +108,7 @@ def test_kernel_matches_dequantized_reference(qtype: Q) -> None:
 
 
 @needs_native
-@pytest.mark.parametrize("qtype", [t for t in TYPES if t not in (Q.F16, Q.BF16, Q.F32)])
+@pytest.mark.parametrize("qtype", QUANTIZED)
 def test_exact_rows_are_the_bits_of_gguf_decoders(qtype: Q) -> None:
     """The embedding's and the head's exact rows (native/rows.cpp) are the float32
     values gguf's decoders give, bit for bit, for rows in any order and repeated; for
@@ -135,7 +131,7 @@ def test_exact_rows_are_the_bits_of_gguf_decoders(qtype: Q) -> None:
 
 
 @needs_native
-@pytest.mark.parametrize("qtype", [t for t in TYPES if t not in (Q.F16, Q.BF16, Q.F32)])
+@pytest.mark.parametrize("qtype", QUANTIZED)
 def test_native_rescore_is_numpys_each_row_alone(qtype: Q) -> None:
     """The head's second pass natively (native/rows.cpp) recomputes the logits numpy's
     does (those within MARGIN of their row's maximum: no more, no fewer), to float32
@@ -240,7 +236,7 @@ def test_types_without_a_kernel_are_held_as_bf16() -> None:
 
 
 @needs_native
-@pytest.mark.parametrize("qtype", [t for t in TYPES if t not in (Q.F16, Q.BF16, Q.F32)])
+@pytest.mark.parametrize("qtype", QUANTIZED)
 def test_amx_tiles_and_the_vector_code_each_compute_their_reference(qtype: Q) -> None:
     """Where the CPU has AMX-BF16, every product takes the tiles (bf16 operands); the
     vector code (int16 activations) serves the other CPUs. Each matches its own
@@ -292,7 +288,7 @@ def int8_tile_ops(request: pytest.FixtureRequest) -> Iterator[object]:
     yield torch.ops.accordion_soft
 
 
-@pytest.mark.parametrize("qtype", [t for t in TYPES if t not in (Q.F16, Q.BF16, Q.F32)])
+@pytest.mark.parametrize("qtype", QUANTIZED)
 def test_int8_tiles_give_the_vector_codes_bits(int8_tile_ops: object, qtype: Q) -> None:
     """Products of many rows on AMX-INT8 tiles sum the same exact integers as the
     vector code and fold them by the same steps: the same bits, tile by tile of 16
@@ -333,7 +329,7 @@ def test_kernel_reads_nothing_past_the_last_row(qtype: Q) -> None:
             assert (
                 rel_err(torch.ops.accordion.qmatmul(x, [w], None), kernel_reference(x, [w])) < TOL
             )
-        if qtype in KERNEL_BLOCKS:  # the last row, as the embedding and the head read it
+        if qtype in QUANTIZED:  # the last row, as the embedding and the head read it
             last = ExactRows(view, qtype, 16, cols_for(qtype)[0])(np.array([15]))
             assert np.array_equal(last, quants.dequantize(raw.reshape(16, -1)[15:], qtype))
         del w, view
