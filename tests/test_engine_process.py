@@ -158,6 +158,11 @@ def test_an_engine_killed_while_idle_comes_back_and_leaks_nothing(server: LiveSe
         not psutil.pid_exists(before["pid"]) or psutil.Process(before["pid"]).status() == "zombie"
     )
     assert len(front.children(recursive=True)) == children
+    # the answer's connection may still be closing on the server's side (CI once saw
+    # 12 fds against 11): a leak stays, a closing socket goes within moments
+    settle = time.monotonic() + 5
+    while front.num_fds() > fds and time.monotonic() < settle:
+        time.sleep(0.05)
     assert front.num_fds() <= fds
     assert sorted(os.listdir("/dev/shm")) == shm
     made = set(os.listdir(tempfile.gettempdir())) - set(temp)
