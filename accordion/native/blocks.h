@@ -38,7 +38,7 @@ inline __mmask16 lanes(int64_t n) {
 
 // x[t] holds rows t, t + 4, t + 8, t + 12 in its four 128-bit lanes: per lane s, a
 // 4 x 4 transpose of rows 4s..4s+3, so that out[j] lane r = 4s + i is word j of row r
-inline void transpose_lanes4(const __m512i* x, __m512i* out) {
+[[gnu::always_inline]] inline void transpose_lanes4(const __m512i* x, __m512i* out) {
   __m512i lo01 = _mm512_unpacklo_epi32(x[0], x[1]), hi01 = _mm512_unpackhi_epi32(x[0], x[1]);
   __m512i lo23 = _mm512_unpacklo_epi32(x[2], x[3]), hi23 = _mm512_unpackhi_epi32(x[2], x[3]);
   out[0] = _mm512_unpacklo_epi64(lo01, lo23);
@@ -47,29 +47,10 @@ inline void transpose_lanes4(const __m512i* x, __m512i* out) {
   out[3] = _mm512_unpackhi_epi64(hi01, hi23);
 }
 
-// 32-bit word j (0-3) of the 16 bytes at byte `at` of 16 rows (row r at base + r *
-// row_bytes), in out[j] lane r; rows past `rows` read as zeros. The packed bytes
-// are moved, before they are widened into values: a quarter of the shuffles of
-// transposing the values (transpose16) for 4-bit weights.
-inline void transpose_rows4(const uint8_t* base, int64_t row_bytes, int rows, int64_t at,
-                            __m512i* out) {
-  auto row = [&](int r) {
-    return r < rows ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + r * row_bytes + at))
-                    : _mm_setzero_si128();
-  };
-  __m512i x[4];  // x[t]: rows t, t + 4, t + 8, t + 12 in its four 128-bit lanes
-  for (int t = 0; t < 4; ++t) {
-    __m512i v = _mm512_castsi128_si512(row(t));
-    v = _mm512_inserti32x4(v, row(t + 4), 1);
-    v = _mm512_inserti32x4(v, row(t + 8), 2);
-    x[t] = _mm512_inserti32x4(v, row(t + 12), 3);
-  }
-  transpose_lanes4(x, out);
-}
-
-// The same transpose of 16 rows' 16-byte pieces staged side by side in the order
-// (row t, t + 4, t + 8, t + 12) for t = 0..3: four loads instead of sixteen
-inline void transpose_staged4(const uint8_t* s, __m512i* out) {
+// 32-bit word j (0-3) of 16 rows' 16-byte pieces, out[j] lane r, from the pieces
+// staged side by side in the order (row t, t + 4, t + 8, t + 12) for t = 0..3: four
+// aligned loads, each row having been read in order when staged (qmatmul.cpp)
+[[gnu::always_inline]] inline void transpose_staged4(const uint8_t* s, __m512i* out) {
   __m512i x[4];
   for (int t = 0; t < 4; ++t) x[t] = _mm512_load_si512(s + 64 * t);
   transpose_lanes4(x, out);
@@ -86,18 +67,6 @@ inline __m512i gather32(const uint8_t* base, int64_t row_bytes, int rows, int64_
       _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                          _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
   return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes(rows), idx, base + at, 1);
-}
-
-// ... their fp16 at byte `at`, as floats
-inline __m512 gather_f16(const uint8_t* base, int64_t row_bytes, int rows, int64_t at) {
-  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(gather32(base, row_bytes, rows, at)));
-}
-
-// words 0-7 of the 32 bytes at byte `at` of 16 rows (transpose_rows4 twice)
-inline void transpose_rows8(const uint8_t* base, int64_t row_bytes, int rows, int64_t at,
-                            __m512i* out) {
-  transpose_rows4(base, row_bytes, rows, at, out);
-  transpose_rows4(base, row_bytes, rows, at + 16, out + 4);
 }
 
 inline __m512i and8(__m512i v, char mask) { return _mm512_and_si512(v, _mm512_set1_epi8(mask)); }
@@ -153,8 +122,9 @@ inline void set_scale(Block* b, float s) { b->scale[0] = b->scale[1] = s; }
 // 4j..4j+3 of row r (8 vectors per block, sub-blocks in order), the packed bytes
 // transposed before they are widened. Blocks of 32 give PIECES 16-byte pieces from
 // VALUES_AT (and Q5's high bits from QH_AT), which qmatmul.cpp stages and transposes
-// and widen(words, qh, v) turns into values; super-blocks give them through
-// quads(base, row_bytes, rows, at, v) for the unit at byte `at`.
+// and widen(words, qh, v) turns into values; super-blocks are staged whole, PIECES
+// 16-byte pieces from byte 0 (a StagedUnit), and give them through quads(unit, v),
+// their scales through scales(unit, sc, mn).
 struct Q4_0 {
   static constexpr int HALVES = 1, BLOCK = 32, BYTES = 18, SUBS = 1;
   static constexpr int ZERO = 8;
@@ -252,13 +222,14 @@ inline void k_scales(const uint8_t* sb, Block* b) {
   }
 }
 
-// k_scales across 16 rows: sc[j] = d * scale_j, mn[j] = -dmin * min_j, as the scalar
-// code computes them (the same products, so the same bits)
-inline void k_scales16(const uint8_t* sb, int64_t row_bytes, int rows, __m512* sc, __m512* mn) {
-  __m512 d = gather_f16(sb, row_bytes, rows, 0);
-  __m512 dmin = _mm512_sub_ps(_mm512_setzero_ps(), gather_f16(sb, row_bytes, rows, 2));
-  __m512i a = gather32(sb, row_bytes, rows, 4), b = gather32(sb, row_bytes, rows, 8);
-  __m512i c = gather32(sb, row_bytes, rows, 12);  // scale bytes 0-3, 4-7, 8-11
+// k_scales across 16 rows from their words 0-3 (d and dmin, then the 12 scale
+// bytes): sc[j] = d * scale_j, mn[j] = -dmin * min_j, as the scalar code computes
+// them (the same products, so the same bits)
+inline void k_scales_of(const __m512i* words, __m512* sc, __m512* mn) {
+  __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words[0]));
+  __m512 dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(words[0], 16)));
+  dmin = _mm512_sub_ps(_mm512_setzero_ps(), dmin);
+  __m512i a = words[1], b = words[2], c = words[3];  // scale bytes 0-3, 4-7, 8-11
   auto field = [](__m512i v, int shift, int mask) {
     return _mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi32(mask));
   };
@@ -274,6 +245,27 @@ inline void k_scales16(const uint8_t* sb, int64_t row_bytes, int rows, __m512* s
     mn[4 + j] = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(m_hi));
   }
 }
+
+// ... gathered from the super-blocks at sb of 16 rows
+inline void k_scales16(const uint8_t* sb, int64_t row_bytes, int rows, __m512* sc, __m512* mn) {
+  __m512i words[4];
+  for (int w = 0; w < 4; ++w) words[w] = gather32(sb, row_bytes, rows, 4 * w);
+  k_scales_of(words, sc, mn);
+}
+
+// One super-block of 16 rows as qmatmul.cpp's stage_unit copies it, each row read
+// in order: its 16-byte pieces side by side in staged_slot order, so that a piece's
+// words across the rows are one transpose_staged4 of aligned loads, and the bytes
+// past its last whole piece (Q6_K's d) at each row's index
+struct StagedUnit {
+  static constexpr int MOST = 13;            // pieces of the largest, Q6_K's first 208 bytes
+  alignas(64) uint8_t pieces[MOST][16][16];  // [piece][slot][byte]
+  alignas(64) uint16_t tail[16];             // [row]
+  // words 0-3 of piece i (bytes 16i..16i+15) of the 16 rows, word j in out[j] lane r
+  [[gnu::always_inline]] void words(int i, __m512i* out) const {
+    transpose_staged4(pieces[i][0], out);
+  }
+};
 
 // 32 bytes of qs: low nibbles are sub-block 2c, high nibbles 2c + 1
 inline __m256i k_nibbles(const uint8_t* qs, int high) {
@@ -295,8 +287,11 @@ struct KWithMin {
     T::values(sb, q);
     for (int j = 0; j < 8; ++j) b[j].q = q[j];
   }
-  static void scales(const uint8_t* sb, int64_t row_bytes, int rows, __m512* sc, __m512* mn) {
-    k_scales16(sb, row_bytes, rows, sc, mn);
+  // their scales and minimums across the 16 rows: d, dmin and scale bytes are piece 0
+  static void scales(const StagedUnit& s, __m512* sc, __m512* mn) {
+    __m512i words[4];
+    s.words(0, words);
+    k_scales_of(words, sc, mn);
   }
 };
 
@@ -305,11 +300,13 @@ struct Q4_K : KWithMin<Q4_K> {
   static void values(const uint8_t* sb, __m256i* q) {
     for (int j = 0; j < 8; ++j) q[j] = k_nibbles(sb + 16 + 32 * (j / 2), j % 2);
   }
+  static constexpr int PIECES = BYTES / 16;  // whole 16-byte pieces, staged
   // sub-blocks 2c and 2c + 1: the low and high nibbles of the 32 bytes at 16 + 32c
-  static void quads(const uint8_t* base, int64_t row_bytes, int rows, int64_t at, __m512i* v) {
+  static void quads(const StagedUnit& s, __m512i* v) {
     for (int c = 0; c < 4; ++c) {
       __m512i d[8];
-      transpose_rows8(base, row_bytes, rows, at + 16 + 32 * c, d);
+      s.words(1 + 2 * c, d);
+      s.words(2 + 2 * c, d + 4);
       for (int k = 0; k < 8; ++k) {
         v[16 * c + k] = and8(d[k], 0x0F);
         v[16 * c + 8 + k] = and8(_mm512_srli_epi32(d[k], 4), 0x0F);
@@ -327,12 +324,15 @@ struct Q5_K : KWithMin<Q5_K> {
       q[j] = _mm256_or_si256(k_nibbles(sb + 48 + 32 * (j / 2), j % 2), _mm256_slli_epi16(high, 4));
     }
   }
-  static void quads(const uint8_t* base, int64_t row_bytes, int rows, int64_t at, __m512i* v) {
-    __m512i qh[8];
-    transpose_rows8(base, row_bytes, rows, at + 16, qh);
+  static constexpr int PIECES = BYTES / 16;  // whole 16-byte pieces, staged
+  static void quads(const StagedUnit& s, __m512i* v) {
+    __m512i qh[8];  // bytes 16-47
+    s.words(1, qh);
+    s.words(2, qh + 4);
     for (int c = 0; c < 4; ++c) {
-      __m512i d[8];
-      transpose_rows8(base, row_bytes, rows, at + 48 + 32 * c, d);
+      __m512i d[8];  // bytes 48 + 32c ..
+      s.words(3 + 2 * c, d);
+      s.words(4 + 2 * c, d + 4);
       for (int k = 0; k < 8; ++k) {
         for (int s = 0; s < 2; ++s) {  // sub-block 2c + s: bit 2c + s of qh
           __m512i low = and8(_mm512_srli_epi32(d[k], 4 * s), 0x0F);
@@ -359,12 +359,16 @@ struct Q6_K {
       q[j] = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
     }
   }
-  static void quads(const uint8_t* base, int64_t row_bytes, int rows, int64_t at, __m512i* v) {
+  static constexpr int PIECES = BYTES / 16;  // whole 16-byte pieces, staged; d past them
+  static void quads(const StagedUnit& s, __m512i* v) {
     for (int n = 0; n < 2; ++n) {
-      __m512i low[2][8], qh[8];
-      transpose_rows8(base, row_bytes, rows, at + 64 * n, low[0]);
-      transpose_rows8(base, row_bytes, rows, at + 64 * n + 32, low[1]);
-      transpose_rows8(base, row_bytes, rows, at + 128 + 32 * n, qh);
+      __m512i low[2][8], qh[8];  // ql at 64n and 64n + 32, qh at 128 + 32n
+      for (int h = 0; h < 2; ++h) {
+        s.words(4 * n + 2 * h, low[h]);
+        s.words(4 * n + 2 * h + 1, low[h] + 4);
+      }
+      s.words(8 + 2 * n, qh);
+      s.words(9 + 2 * n, qh + 4);
       for (int i = 0; i < 4; ++i) {  // sub-block j = 4n + i, as values() reads it
         int j = 4 * n + i;
         for (int k = 0; k < 8; ++k) {
@@ -387,15 +391,15 @@ struct Q6_K {
       b[j].scale[1] = d * sc[2 * j + 1];
     }
   }
-  // sc[2j], sc[2j + 1]: sub-block j's two scales across 16 rows (mn unused)
-  static void scales(const uint8_t* sb, int64_t row_bytes, int rows, __m512* sc, __m512*) {
-    // d is the block's last two bytes: read the word ending there, not past it
-    __m512i dw = _mm512_srli_epi32(gather32(sb, row_bytes, rows, 206), 16);
-    __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dw));
+  // sc[2j], sc[2j + 1]: sub-block j's two scales across 16 rows (mn unused); the
+  // scale bytes are piece 12 (bytes 192-207), d the tail
+  static void scales(const StagedUnit& s, __m512* sc, __m512*) {
+    __m512 d = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(s.tail)));
+    __m512i words[4];
+    s.words(12, words);
     for (int w = 0; w < 4; ++w) {
-      __m512i bytes = gather32(sb, row_bytes, rows, 192 + 4 * w);
       for (int i = 0; i < 4; ++i) {  // byte i, sign-extended
-        __m512i v = _mm512_srai_epi32(_mm512_slli_epi32(bytes, 24 - 8 * i), 24);
+        __m512i v = _mm512_srai_epi32(_mm512_slli_epi32(words[w], 24 - 8 * i), 24);
         sc[4 * w + i] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(v));
       }
     }

@@ -85,6 +85,9 @@ struct Staged {
   alignas(64) uint8_t pieces[STAGED][2][16][16];  // [block][piece][slot][byte]
   alignas(64) uint16_t d[STAGED][16], m[STAGED][16];
   alignas(64) uint32_t qh[STAGED][16];
+  // super-blocks (STAGED blocks of 32 are STAGED / 8 of them): all of a range staged
+  // before any is transposed, which streams the weights from memory ~1.5x faster
+  StagedUnit unit[STAGED / 8];
 };
 
 template <class T>
@@ -135,18 +138,35 @@ void decode_blocks(const uint8_t* base, int64_t row_bytes, int rows, int64_t b0,
   }
 }
 
-// Decodes super-block u of `rows` (<= 16) weight rows into the panel at block b0
+// Super-block u of 16 rows copied row by row (each read in order, as the prefetchers
+// like, and fetched for the next 16 rows meanwhile) into the order quads() reads
 template <class T>
-inline void decode_unit(const uint8_t* base, int64_t row_bytes, int rows, int64_t u, Panel& p,
-                        int64_t b0) {
-  // the next 16 rows' same super-block, fetched while these are decoded
-  for (int r = 0; r < rows; ++r) {
-    const char* ahead = reinterpret_cast<const char*>(base + (16 + r) * row_bytes + u * T::BYTES);
+void stage_unit(const uint8_t* base, int64_t row_bytes, int rows, int64_t u, StagedUnit& s) {
+  constexpr int TAIL = T::BYTES - 16 * T::PIECES;
+  static_assert(T::PIECES <= StagedUnit::MOST && (TAIL == 0 || TAIL == 2));
+  for (int r = 0; r < 16; ++r) {
+    int slot = staged_slot(r);
+    if (r >= rows) {  // past the matrix's last row: zeros, whose outputs are not stored
+      for (int i = 0; i < T::PIECES; ++i) std::fill_n(s.pieces[i][slot], 16, 0);
+      s.tail[r] = 0;
+      continue;
+    }
+    const uint8_t* w = base + r * row_bytes + u * T::BYTES;
+    const char* ahead = reinterpret_cast<const char*>(w + 16 * row_bytes);
     for (int off = 0; off < T::BYTES; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T1);
+    for (int i = 0; i < T::PIECES; ++i) {
+      _mm_store_si128(reinterpret_cast<__m128i*>(s.pieces[i][slot]), load128(w + 16 * i));
+    }
+    if constexpr (TAIL > 0) s.tail[r] = *reinterpret_cast<const uint16_t*>(w + 16 * T::PIECES);
   }
-  T::quads(base, row_bytes, rows, u * T::BYTES, p.q.data() + (b0 / 2) * 16);
+}
+
+// Decodes a staged super-block of 16 weight rows into the panel at block b0
+template <class T>
+inline void decode_unit(Panel& p, int64_t b0, const StagedUnit& s) {
+  T::quads(s, p.q.data() + (b0 / 2) * 16);
   __m512 sc[16], mn[8];  // scales unpacked across the rows
-  T::scales(base + u * T::BYTES, row_bytes, rows, sc, mn);
+  T::scales(s, sc, mn);
   for (int j = 0; j < 8; ++j) {
     int64_t b = b0 + j;
     if constexpr (T::HALVES == 2) {
@@ -167,7 +187,10 @@ void decode_range(const uint8_t* base, int64_t row_bytes, int rows, int64_t b0, 
     decode_blocks<T>(base, row_bytes, rows, b0, n, p, at, s);
   } else {
     for (int64_t b = b0; b < b0 + n; b += T::SUBS) {
-      decode_unit<T>(base, row_bytes, rows, b / T::SUBS, p, at + b - b0);
+      stage_unit<T>(base, row_bytes, rows, b / T::SUBS, s.unit[(b - b0) / T::SUBS]);
+    }
+    for (int64_t b = b0; b < b0 + n; b += T::SUBS) {
+      decode_unit<T>(p, at + b - b0, s.unit[(b - b0) / T::SUBS]);
     }
   }
 }
@@ -374,7 +397,7 @@ void run_group(const uint8_t* base, int64_t n, int64_t row_bytes, const Act& a, 
 // What a thread keeps between its groups of 16 rows
 struct GroupScratch {
   Panel panel;
-  Staged staged;  // ~12 KiB of the thread's stack
+  Staged staged;  // ~19 KiB of the thread's stack
   TileSums sums;  // 2 KiB, read only by the tile code
 };
 
