@@ -179,7 +179,17 @@ inline void decode_unit(Panel& p, int64_t b0, const StagedUnit& s) {
   }
 }
 
-// Blocks b0..b0+n (b0 and n multiples of STAGED or the end) into the panel from block at
+// Blocks of 32 a staged range holds for a row of `blocks`: two super-blocks; blocks
+// of 32 in the fewest ranges of at most STAGED, of even length, so that a short row
+// (a small model's 18 or 20 blocks) is not read as a range and a sliver
+template <class T>
+int64_t range_blocks(int64_t blocks) {
+  if constexpr (T::SUBS > 1) return 2 * T::SUBS;
+  int64_t ranges = (blocks + STAGED - 1) / STAGED;
+  return (blocks + ranges - 1) / ranges;
+}
+
+// Blocks b0..b0+n (b0 and n multiples of range_blocks or the end) into the panel from block at
 template <class T>
 void decode_range(const uint8_t* base, int64_t row_bytes, int rows, int64_t b0, int64_t n, Panel& p,
                   int64_t at, Staged& s) {
@@ -358,6 +368,7 @@ void run_group(const uint8_t* base, int64_t n, int64_t row_bytes, const Act& a, 
   int64_t n0 = 16 * g;
   const uint8_t* rows = base + n0 * row_bytes;
   int cols = static_cast<int>(std::min<int64_t>(16, n - n0));
+  const int64_t span = range_blocks<T>(a.blocks);
   if (m <= MR) {  // decode rows: each staged range used at once, the panel small enough for L1
     panel.resize(STAGED / 2);
     with_rows(m, [&](auto r) {
@@ -365,8 +376,8 @@ void run_group(const uint8_t* base, int64_t n, int64_t row_bytes, const Act& a, 
       __m512 acc[R];
       const XBlock* x[R];
       for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps(), x[i] = a.row(i);
-      for (int64_t b0 = 0; b0 < a.blocks; b0 += STAGED) {
-        int64_t k = std::min(STAGED, a.blocks - b0);
+      for (int64_t b0 = 0; b0 < a.blocks; b0 += span) {
+        int64_t k = std::min(span, a.blocks - b0);
         decode_range<T>(rows, row_bytes, cols, b0, k, panel, 0, staged);
         for (int64_t j = 0; j < k; ++j) accumulate<T, R>(panel, j, x, b0 + j, acc);
       }
@@ -375,8 +386,8 @@ void run_group(const uint8_t* base, int64_t n, int64_t row_bytes, const Act& a, 
     return;
   }
   panel.resize((a.blocks + 1) / 2);  // many rows: the panel decoded once for the whole K
-  for (int64_t b0 = 0; b0 < a.blocks; b0 += STAGED) {
-    decode_range<T>(rows, row_bytes, cols, b0, std::min(STAGED, a.blocks - b0), panel, b0, staged);
+  for (int64_t b0 = 0; b0 < a.blocks; b0 += span) {
+    decode_range<T>(rows, row_bytes, cols, b0, std::min(span, a.blocks - b0), panel, b0, staged);
   }
   if (sums != nullptr) {  // AMX-INT8: the same bits as the vector loop below
     configure_tiles<T>();
