@@ -1,11 +1,11 @@
 """Beyond the toy: a TinyLlama-shaped 1.1B random-weight GGUF, accordion against
 llama.cpp's llama-server on the same file, in one run.
 
-    .venv/bin/python bench/bench_big.py [--file q4_0|q4_k_m] [--modes auto]
+    .venv/bin/python bench/bench_big.py [--file q4_0|q4_k_m|q5_k_m] [--modes auto]
         [--skip-peer | --peer PATH]
 
 The file (22 layers, hidden 2048, 32 heads, 4 KV heads, FFN 5632, vocabulary 32000;
-Q4_0, ~560 MiB, or Q4_K_M's mix of Q4_K and Q6_K, ~700 MiB) is written once with
+Q4_0, ~560 MiB, Q4_K_M's mix of Q4_K and Q6_K, ~640 MiB, or Q5_K_M's, ~720) is written once with
 gguf's writer into $ACCORDION_CACHE/bench (never committed). For accordion,
 bench_foundation.measure runs in a fresh process per mode: load seconds, RSS after
 load, after a 'hello' and after the requests, peak RSS, prefill and decode tokens/s.
@@ -54,7 +54,9 @@ TINYLLAMA_Q4_K_M = dataclasses.replace(
     embed_quant=Q.Q6_K,
     overrides=(("attn_v.weight", Q.Q6_K), ("ffn_down.weight", Q.Q6_K)),
 )
-FILES = {"q4_0": TINYLLAMA, "q4_k_m": TINYLLAMA_Q4_K_M}
+# Q5_K_M: the same mix with Q5_K in Q4_K's place
+TINYLLAMA_Q5_K_M = dataclasses.replace(TINYLLAMA_Q4_K_M, quant=Q.Q5_K)
+FILES = {"q4_0": TINYLLAMA, "q4_k_m": TINYLLAMA_Q4_K_M, "q5_k_m": TINYLLAMA_Q5_K_M}
 
 
 def big_file(kind: str = "q4_0") -> Path:
