@@ -179,12 +179,14 @@ inline void decode_unit(Panel& p, int64_t b0, const StagedUnit& s) {
   }
 }
 
-// Blocks of 32 a staged range holds for a row of `blocks`: two super-blocks; blocks
-// of 32 in the fewest ranges of at most STAGED, of even length, so that a short row
-// (a small model's 18 or 20 blocks) is not read as a range and a sliver
+// Blocks of 32 a staged range holds for a row of `blocks`: STAGED (STAGED / 8
+// super-blocks); blocks of 32 in the fewest ranges of at most STAGED, of even length,
+// so that a short row (a small model's 18 or 20 blocks) is not read as a range and a
+// sliver
 template <class T>
 int64_t range_blocks(int64_t blocks) {
-  if constexpr (T::SUBS > 1) return 2 * T::SUBS;
+  static_assert(STAGED % 8 == 0, "ranges of whole super-blocks");
+  if constexpr (T::SUBS > 1) return STAGED;
   int64_t ranges = (blocks + STAGED - 1) / STAGED;
   return (blocks + ranges - 1) / ranges;
 }
