@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from accordion.engine import sampler
 from accordion.engine.sampler import (
     MAX_INVERSE_TEMPERATURE,
     apply_penalties,
@@ -18,6 +19,17 @@ from accordion.engine.sampler import (
 from accordion.sampling_params import SamplingParams
 
 NO_PENALTY = {"repeat_penalty": 1.0}
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def sampling_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test on both ways a token is drawn: native/sample.cpp where the native ops
+    are built, and the Python steps it replaces where they are not."""
+    if request.param == "native" and not sampler.native.available():
+        pytest.skip("native ops unavailable")
+    if request.param == "python":
+        monkeypatch.setattr(sampler.native, "available", lambda: False)
+    return str(request.param)
 
 
 def params(**kw: object) -> SamplingParams:

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import torch
 
+from accordion import native
 from accordion.engine.sequence import Logprob
 from accordion.sampling_params import BAN, SamplingParams
 
@@ -75,6 +76,12 @@ def choose(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int
         best = int(values.argmax())
         if not np.isnan(values[best]):  # argmax lands on a NaN only if there is one
             return best
+    elif native.available():  # the same steps in one call (native/sample.cpp), ~10x faster
+        inverse = min(1.0 / p.temperature, MAX_INVERSE_TEMPERATURE)
+        token = torch.ops.accordion.sample_token(logits, p.top_k, p.top_p, p.min_p, inverse, gen)
+        if token < 0:
+            raise RuntimeError("the model produced no finite logit for this sequence")
+        return token
     logits = _finite(logits)
     top = float(logits.max())
     if top == -math.inf:

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [
     Path(__file__).with_name(f"{name}.cpp")
-    for name in ("block", "attention", "qmatmul", "qmatmul_amx", "rows", "stack")
+    for name in ("block", "attention", "qmatmul", "qmatmul_amx", "rows", "sample", "stack")
 ]
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 _state: dict[str, bool] = {}
