@@ -1,6 +1,6 @@
 """Load time, memory and speed of a bundled model in each weights mode.
 
-    .venv/bin/python bench/bench_foundation.py [--model smollm2] [--modes auto,fp32]
+    .venv/bin/python bench/bench_foundation.py [--model smollm2] [--modes auto,fp32] [--sampled]
 
 Each mode runs in a fresh spawned process so its RSS is its own. Decode speed is
 measured by differencing: (time for N tokens - time for 1 token) / (N - 1), which
@@ -94,7 +94,9 @@ def warm_up(model: str) -> None:
     load_model(model, "auto")
 
 
-def measure(model: str, mode: str, prompt_tokens: int, tokens: int) -> Result:
+def measure(
+    model: str, mode: str, prompt_tokens: int, tokens: int, sampled: bool = False
+) -> Result:
     import torch
 
     from accordion import LLM, SamplingParams
@@ -119,7 +121,10 @@ def measure(model: str, mode: str, prompt_tokens: int, tokens: int) -> Result:
     def greedy(n: int) -> SamplingParams:
         return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
-    first, many = greedy(1), greedy(tokens)
+    def decoding(n: int) -> SamplingParams:  # --sampled: Ollama's defaults, seeded
+        return SamplingParams(max_tokens=n, ignore_eos=True, seed=0) if sampled else greedy(n)
+
+    first, many = greedy(1), decoding(tokens)
     # a mapped file is resident only once read: RSS after load counts none of it
     llm.generate_ids([llm.tokenizer.encode("hello")], first)
     rss_hello = rss_mib()
@@ -131,7 +136,7 @@ def measure(model: str, mode: str, prompt_tokens: int, tokens: int) -> Result:
     def decode_tps(prompts: list[list[int]]) -> float:
         best = 0.0
         for _ in range(REPEATS):
-            t1, _ = timed(llm.generate_ids, prompts, first)
+            t1, _ = timed(llm.generate_ids, prompts, decoding(1))
             tn, outs = timed(llm.generate_ids, prompts, many)
             assert all(len(o.token_ids) == tokens for o in outs), "generation stopped early"
             best = max(best, len(prompts) * (tokens - 1) / (tn - t1))
@@ -185,6 +190,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="decode tokens per sequence")
     ap.add_argument("--fp32-tokens", type=int, help="decode tokens for fp32 (default: --tokens)")
     ap.add_argument("--prompt-tokens", type=int, default=512, help="prefill prompt length")
+    ap.add_argument(
+        "--sampled", action="store_true", help="decode with Ollama's default sampling, not greedy"
+    )
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = sorted(set(modes) - set(MODES))
@@ -206,7 +214,9 @@ def main() -> None:
     for mode in modes:
         tokens = args.fp32_tokens if mode == "fp32" and args.fp32_tokens else args.tokens
         start = time.perf_counter()
-        results.append(run_isolated(measure, args.model, mode, args.prompt_tokens, tokens))
+        results.append(
+            run_isolated(measure, args.model, mode, args.prompt_tokens, tokens, args.sampled)
+        )
         print(f"  {mode}: {time.perf_counter() - start:.0f}s", file=sys.stderr)
     print(table(args.model, args.prompt_tokens, results))
 
