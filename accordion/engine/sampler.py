@@ -32,6 +32,10 @@ def apply_penalties(logits: torch.Tensor, history: list[int], p: SamplingParams)
     recent = history if p.repeat_last_n == -1 else history[-p.repeat_last_n :]
     if not recent or p.repeat_last_n == 0:
         return logits
+    if native.available():  # the same arithmetic in one call (native/sample.cpp)
+        return torch.ops.accordion.penalize(
+            logits, recent, p.repeat_penalty, p.presence_penalty, p.frequency_penalty
+        )
     # numpy on the few recent ids: torch's small-tensor kernels cost ~2 us each here
     ids, counts = np.unique(np.asarray(recent), return_counts=True)
     # numpy's copy: torch's clone of a 49k-logit row forks OpenMP threads, ~2 ms per

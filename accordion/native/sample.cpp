@@ -114,7 +114,38 @@ int64_t sample_token(const Tensor& logits, int64_t top_k, double top_p, double m
   return c[last].second;  // rounding left the target at the very end
 }
 
+// llama.cpp's penalties on a copy of logits float32 [vocab], over the tokens in
+// `recent` (engine/sampler.py's apply_penalties, in its very arithmetic: the repeat
+// penalty and the presence term in float32, the frequency term in double)
+Tensor penalize(const Tensor& logits, std::vector<int64_t> recent, double repeat_penalty,
+                double presence_penalty, double frequency_penalty) {
+  TORCH_CHECK(logits.dim() == 1 && logits.is_contiguous() && logits.scalar_type() == at::kFloat,
+              "logits: contiguous float32 [vocab]");
+  int64_t n = logits.size(0);
+  Tensor out = logits.clone();
+  float* y = out.data_ptr<float>();
+  const float rp = static_cast<float>(repeat_penalty), pp = static_cast<float>(presence_penalty);
+  std::sort(recent.begin(), recent.end());
+  for (size_t i = 0; i < recent.size();) {
+    size_t j = i;
+    while (j < recent.size() && recent[j] == recent[i]) ++j;  // recent[i] occurs j - i times
+    int64_t t = recent[i];
+    TORCH_CHECK(t >= 0 && t < n, "a recent token outside the vocabulary");
+    float x = y[t];
+    if (repeat_penalty != 1.0) x = x > 0 ? x / rp : x * rp;
+    x -= pp;
+    y[t] =
+        static_cast<float>(static_cast<double>(x) - frequency_penalty * static_cast<double>(j - i));
+    i = j;
+  }
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(accordion, m) {
+  m.def(
+      "penalize(Tensor logits, int[] recent, float repeat_penalty, float presence_penalty,"
+      " float frequency_penalty) -> Tensor");
+  m.impl("penalize", c10::DispatchKey::CompositeImplicitAutograd, &penalize);
   m.def(
       "sample_token(Tensor logits, int top_k, float top_p, float min_p, float inverse_temperature,"
       " Generator? generator) -> int");
