@@ -1,9 +1,11 @@
-// A sampled token from one sequence's adjusted logits: temperature, top-k, top-p and
-// min-p, then a draw from the sequence's own generator (engine/sampler.py's choose,
-// whose torch ops cost ~0.3 ms a token on the step's serial path: most of it topk
-// over the whole vocabulary and a dozen small ops run cold after the weights have
-// streamed through the caches). The candidates are found in one pass of 16-lane
-// comparisons against the k-th best so far; only the few that beat it touch a heap.
+// A token's choice on the step's serial path, each in one call: llama.cpp's penalties
+// on a copy of a sequence's logits (engine/sampler.py's apply_penalties), and a sampled
+// token from its adjusted logits: temperature, top-k, top-p and min-p, then a draw
+// from the sequence's own generator (sampler.choose). Their numpy and torch steps cost
+// ~0.4 ms a token: topk over the whole vocabulary and a dozen small ops, run cold after
+// the weights have streamed through the caches. The candidates are found in one pass
+// of 16-lane comparisons against the k-th best so far; only the few that beat it touch
+// a heap.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/DistributionsHelper.h>
