@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -252,6 +253,44 @@ def test_penalties_touch_exactly_the_recent_ids(
             continue
         expected = (x / repeat if x > 0 else x * repeat) - presence - frequency * window.count(i)
         assert out[i].item() == pytest.approx(expected, rel=1e-5, abs=1e-4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    logits=st.lists(
+        st.floats(width=32) | st.sampled_from([0.0, -0.0, math.inf, -math.inf, math.nan]),
+        min_size=1,
+        max_size=40,
+    ),
+    history=st.lists(st.integers(0, 39), max_size=80),
+    last_n=st.integers(-1, 70),
+    repeat=st.floats(0.001, 4),
+    presence=st.floats(-2, 2),
+    frequency=st.floats(-2, 2),
+)
+def test_native_penalties_are_the_python_steps_bits(
+    logits: list[float],
+    history: list[int],
+    last_n: int,
+    repeat: float,
+    presence: float,
+    frequency: float,
+) -> None:
+    """native/sample.cpp's penalize computes apply_penalties' float32 steps exactly."""
+    if not sampler.native.available():  # the "python" run of the fixture, or no build
+        pytest.skip("compares the native path with the Python one")
+    t = torch.tensor(logits, dtype=torch.float32)
+    history = [h % len(logits) for h in history]
+    p = SamplingParams(
+        repeat_penalty=repeat,
+        repeat_last_n=last_n,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+    )
+    ours = apply_penalties(t, history, p)
+    with mock.patch.object(sampler.native, "available", lambda: False):
+        python = apply_penalties(t, history, p)
+    assert torch.equal(ours.view(torch.int32), python.view(torch.int32))
 
 
 # -- SamplingParams validation --------------------------------------------------------
