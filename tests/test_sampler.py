@@ -165,6 +165,15 @@ def test_filters_never_pick_masked_out_tokens() -> None:
 LOGITS = [2.0, -2.0, 1.0, -1.0, 0.5, 3.0]
 
 
+def penalty_params(repeat: float, last_n: int, presence: float, frequency: float) -> SamplingParams:
+    return SamplingParams(
+        repeat_penalty=repeat,
+        repeat_last_n=last_n,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+    )
+
+
 def penalized(history: list[int], **kw: float) -> list[float]:
     return apply_penalties(torch.tensor(LOGITS), history, SamplingParams(**kw)).tolist()
 
@@ -238,12 +247,7 @@ def test_penalties_touch_exactly_the_recent_ids(
     presence: float,
     frequency: float,
 ) -> None:
-    p = SamplingParams(
-        repeat_penalty=repeat,
-        repeat_last_n=last_n,
-        presence_penalty=presence,
-        frequency_penalty=frequency,
-    )
+    p = penalty_params(repeat, last_n, presence, frequency)
     t = torch.tensor(logits)
     out = apply_penalties(t, history, p)
     window = [] if last_n == 0 else history if last_n == -1 else history[-last_n:]
@@ -281,12 +285,7 @@ def test_native_penalties_are_the_python_steps_bits(
         pytest.skip("compares the native path with the Python one")
     t = torch.tensor(logits, dtype=torch.float32)
     history = [h % len(logits) for h in history]
-    p = SamplingParams(
-        repeat_penalty=repeat,
-        repeat_last_n=last_n,
-        presence_penalty=presence,
-        frequency_penalty=frequency,
-    )
+    p = penalty_params(repeat, last_n, presence, frequency)
     ours = apply_penalties(t, history, p)
     with mock.patch.object(sampler.native, "available", lambda: False):
         python = apply_penalties(t, history, p)
