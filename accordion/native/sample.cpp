@@ -32,6 +32,12 @@ inline bool better(const Candidate& a, const Candidate& b) {
   return a.first > b.first || (a.first == b.first && a.second < b.second);
 }
 
+// Both ops take one sequence's logits, float32 [vocab]
+void check_row(const Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 1 && logits.is_contiguous() && logits.scalar_type() == at::kFloat,
+              "logits: contiguous float32 [vocab]");
+}
+
 // NaN can never be chosen; +inf becomes the largest finite value (as sampler._finite)
 inline float mend(float v) { return std::isnan(v) ? -INFINITY : std::min(v, FLT_MAX); }
 
@@ -72,8 +78,7 @@ std::vector<Candidate> best_of(const float* x, int64_t n, int64_t k) {
 // logit is finite.
 int64_t sample_token(const Tensor& logits, int64_t top_k, double top_p, double min_p,
                      double inverse_temperature, std::optional<at::Generator> generator) {
-  TORCH_CHECK(logits.dim() == 1 && logits.is_contiguous() && logits.scalar_type() == at::kFloat,
-              "logits: contiguous float32 [vocab]");
+  check_row(logits);
   const float* x = logits.data_ptr<float>();
   int64_t n = logits.size(0);
   int64_t k = top_k > 0 && top_k < n ? top_k : n;
@@ -121,8 +126,7 @@ int64_t sample_token(const Tensor& logits, int64_t top_k, double top_p, double m
 // penalty and the presence term in float32, the frequency term in double)
 Tensor penalize(const Tensor& logits, std::vector<int64_t> recent, double repeat_penalty,
                 double presence_penalty, double frequency_penalty) {
-  TORCH_CHECK(logits.dim() == 1 && logits.is_contiguous() && logits.scalar_type() == at::kFloat,
-              "logits: contiguous float32 [vocab]");
+  check_row(logits);
   int64_t n = logits.size(0);
   Tensor out = logits.clone();
   float* y = out.data_ptr<float>();
